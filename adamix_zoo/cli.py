@@ -1,0 +1,46 @@
+"""The ``adamix-zoo`` command: one typed CLI whose verbs live next to the code they drive.
+
+Each module in ``COMMAND_MODULES`` defines ``register(app)`` and keeps its heavy imports inside the
+command functions, so ``adamix-zoo --help`` stays fast and ``adamix_zoo`` never imports
+``registry`` or ``federation`` at module level.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+import adamix_zoo
+
+COMMAND_MODULES = (
+    "adamix_zoo.commands",
+)
+
+app = typer.Typer(
+    name="adamix-zoo",
+    help="Train AdaMix adapters, federate them with Flower, keep them in a zoo, serve many tasks.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Train AdaMix adapters, federate them with Flower, keep them in a zoo, serve many tasks."""
+
+
+@app.command()
+def version() -> None:
+    """Print the installed adamix-zoo version."""
+    typer.echo(adamix_zoo.__version__)
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+def main() -> None:
+    _register_commands()
+    app()

@@ -1,0 +1,88 @@
+"""Mixture of LoRA experts on a frozen linear layer (AdaMix, Wang et al., EMNLP 2022).
+
+Expert k adds ``scale * B_k A_k x`` to ``W x`` with A_k: (r, d_in), B_k: (d_out, r). The experts of a
+projection are stacked into one parameter, (K, r, d_in) for A and (K, d_out, r) for B; a shared
+projection has K=1. With K=1 everywhere this is exactly PEFT's LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adamix_zoo.routing import Router, select
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, fan_in_fan_out) of an nn.Linear or a GPT-2 Conv1D (weight stored (d_in, d_out))."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out, True
+    raise TypeError(f"cannot adapt {type(layer).__name__}: expected nn.Linear or transformers Conv1D")
+
+
+class MixtureOfLoRA(nn.Module):
+    """A frozen linear layer plus K LoRA experts, routed at random in training."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float,
+        num_experts: int,
+        sharing: str,
+        dropout: float,
+        router: Router,
+    ) -> None:
+        super().__init__()
+        d_in, d_out, self.fan_in_fan_out = linear_dims(base_layer)
+        self.base_layer = base_layer
+        self.scale = alpha / rank
+        self.router = router
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.folded = False
+        k_a = 1 if sharing == "down" else num_experts
+        k_b = 1 if sharing == "up" else num_experts
+        weight = base_layer.weight
+        self.adamix_lora_A = nn.Parameter(weight.new_empty(k_a, rank, d_in))
+        self.adamix_lora_B = nn.Parameter(weight.new_zeros(k_b, d_out, rank))
+        for expert in self.adamix_lora_A.data:  # PEFT's default init; B = 0 so the delta starts at 0
+            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.folded:
+            return out
+        a = select(self.adamix_lora_A, self.router.choose(len(self.adamix_lora_A), self.training))
+        b = select(self.adamix_lora_B, self.router.choose(len(self.adamix_lora_B), self.training))
+        # x: (..., d_in) -> (..., r) -> (..., d_out)
+        return out + F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scale
+
+    @torch.no_grad()
+    def merge_experts(self) -> None:
+        """Average the experts in place: A = mean_k A_k, B = mean_k B_k (K becomes 1)."""
+        for name in ("adamix_lora_A", "adamix_lora_B"):
+            param = getattr(self, name)
+            merged = nn.Parameter(param.mean(dim=0, keepdim=True), requires_grad=param.requires_grad)
+            setattr(self, name, merged)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * mean(B) @ mean(A): (d_out, d_in), the weight update of the merged adapter."""
+        return self.scale * self.adamix_lora_B.mean(0) @ self.adamix_lora_A.mean(0)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Add the merged delta to the frozen weight so inference costs nothing extra."""
+        if self.folded:
+            return
+        if len(self.adamix_lora_A) != 1 or len(self.adamix_lora_B) != 1:
+            raise RuntimeError("merge the experts before folding: fold() needs one expert per projection")
+        delta = self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight += delta.T if self.fan_in_fan_out else delta
+        self.folded = True
