@@ -95,3 +95,18 @@ def test_clear_errors_for_bad_targets_and_heads():
     model.config.model_type = "mystery"
     with pytest.raises(ValueError, match="no default target modules for model_type='mystery'"):
         AdaMixModel(model, AdaMixConfig())
+
+
+def test_fingerprint_ignores_injection_but_not_weights():
+    from adamix_zoo.backbones import fingerprint
+
+    bare = tiny_model("bert", head="base")
+    before = fingerprint(bare)
+    wrapped = AdaMixModel(bare, AdaMixConfig())
+    assert fingerprint(wrapped.model) == before
+    assert fingerprint(tiny_model("bert", head="base", seed=1)) != before
+    with torch.no_grad():
+        for m in wrapped.mixtures().values():
+            m.adamix_lora_B.normal_()
+    wrapped.fold()
+    assert fingerprint(wrapped.model) != before
