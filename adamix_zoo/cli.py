@@ -15,6 +15,8 @@ import adamix_zoo
 
 COMMAND_MODULES = (
     "adamix_zoo.commands",
+    "adamix_zoo.serving.commands",
+    "registry.commands",
 )
 
 app = typer.Typer(

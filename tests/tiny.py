@@ -42,10 +42,17 @@ ENCODERS = ("bert", "roberta", "distilbert", "deberta-v2")
 DECODERS = ("gpt2", "llama")
 
 
-def tiny_model(arch: str, head: str = "cls", num_labels: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A seeded random model; head is 'cls' (sequence classification), 'lm' or 'base'."""
+def tiny_model(
+    arch: str, head: str = "cls", num_labels: int = 3, seed: int = 0, init: float = 0.02
+) -> torch.nn.Module:
+    """A seeded random model; head is 'cls' (sequence classification), 'lm' or 'base'.
+
+    ``init`` is the weights' initializer range: language-model tests raise it so that a frozen,
+    tied output head can express confident predictions at all.
+    """
     torch.manual_seed(seed)
     config = TINY_CONFIGS[arch]()
+    config.initializer_range = init
     if head == "cls":
         config.num_labels = num_labels
         if arch in DECODERS:
@@ -64,3 +71,17 @@ def tiny_batch(batch: int = 4, seq: int = 10, seed: int = 1) -> dict[str, torch.
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, -3:] = 0  # one padded row
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_tokenizer(words: list[str]):
+    """A word-level fast tokenizer over ``words`` (+ <pad>, <unk>, <eos>), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<eos>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) - set(specials)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )

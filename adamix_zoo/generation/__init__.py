@@ -1,0 +1,1 @@
+"""AdaMix for decoder language models on data-to-text tasks (E2E, WebNLG, DART)."""

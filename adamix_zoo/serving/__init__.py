@@ -1,0 +1,26 @@
+"""Serve many tasks from one frozen backbone: mixed-task batches, dynamic batching, an HTTP server.
+
+- ``ServingEngine``: attach merged task folders, one forward pass for rows of different tasks.
+- ``serving.batcher.DynamicBatcher``: gathers concurrent requests into mixed batches (asyncio).
+- ``serving.server.create_app``: the FastAPI application (``adamix-zoo serve`` runs it with
+  uvicorn); imported from its module so that the engine alone never needs FastAPI.
+"""
+
+from adamix_zoo.serving.adapters import TaskAdapter, read_task_adapter
+from adamix_zoo.serving.engine import (
+    InputError,
+    Prediction,
+    ServingEngine,
+    TaskInfo,
+    UnknownTaskError,
+)
+
+__all__ = [
+    "InputError",
+    "Prediction",
+    "ServingEngine",
+    "TaskAdapter",
+    "TaskInfo",
+    "UnknownTaskError",
+    "read_task_adapter",
+]

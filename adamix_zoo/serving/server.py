@@ -1,0 +1,310 @@
+"""The HTTP server: FastAPI over one ``ServingEngine``, with dynamic mixed-task batching.
+
+Endpoints: ``POST /v1/predict``, ``GET /v1/tasks``, ``POST /v1/tasks/load``,
+``POST /v1/tasks/{task}/unload``, ``GET /v1/stats``, ``GET /healthz``; OpenAPI at ``/docs`` and
+``/openapi.json``. Every bad request gets a 4xx whose ``detail`` says what is wrong; it never
+reaches the batch, so everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from adamix_zoo.serving.batcher import DynamicBatcher
+from adamix_zoo.serving.engine import (
+    FingerprintMismatchError,
+    InputError,
+    Prediction,
+    ServingEngine,
+    UnknownTaskError,
+)
+
+
+@dataclass
+class ServerSettings:
+    """Batching and request limits.
+
+    Args:
+        max_batch_size: rows per mixed-task forward pass.
+        max_wait_ms: how long a request may wait for others to share its batch.
+        max_inputs: the most inputs one request may send.
+        allow_load: whether ``/v1/tasks/load`` and ``/unload`` are enabled (they read server paths).
+        registry_root: the registry store for ``reference`` loads (default: the registry's home).
+    """
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_inputs: int = 64
+    allow_load: bool = True
+    registry_root: str | None = None
+
+
+# -- request and response bodies ---------------------------------------------------------------------
+class PredictRequest(BaseModel):
+    task: str = Field(description="An attached task (see GET /v1/tasks).", examples=["sst2"])
+    inputs: str | list[str | list[str]] = Field(
+        description="One input or a list; each a sentence or a [text_a, text_b] pair. "
+        "A bare list of strings is several sentences: wrap a single pair as [[a, b]].",
+        examples=[["a gripping, funny film", ["A man plays.", "Someone is playing."]]],
+    )
+
+
+class PredictionOut(BaseModel):
+    label: str | None = Field(description="Predicted class (null for regression).")
+    score: float = Field(description="Probability of the label, or the regression value.")
+    scores: dict[str, float] | None = Field(
+        description="Probability of every class (null for regression)."
+    )
+
+
+class PredictResponse(BaseModel):
+    task: str
+    version: str = Field(description="Version of the adapter that answered.")
+    predictions: list[PredictionOut]
+
+
+class TaskOut(BaseModel):
+    task: str
+    kind: str
+    version: str
+    num_labels: int
+    label_names: list[str] | None
+    source: str
+    resident: bool
+    base_model: str | None
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskOut]
+
+
+class LoadRequest(BaseModel):
+    path: str | None = Field(default=None, description="A merged task folder on the server.")
+    reference: str | None = Field(
+        default=None, description="A registry entry: namespace/task@version."
+    )
+    task: str | None = Field(default=None, description="Serve it under this name.")
+    head: str | None = Field(default=None, description="One head of a cross-task merged entry.")
+    label_names: list[str] | None = None
+
+
+class UnloadResponse(BaseModel):
+    task: str
+    unloaded: bool
+
+
+# -- the app -----------------------------------------------------------------------------------------
+def create_app(engine: ServingEngine, settings: ServerSettings | None = None) -> FastAPI:
+    """Build the FastAPI application serving ``engine`` (run it with uvicorn)."""
+    settings = settings or ServerSettings()
+    batcher = DynamicBatcher(engine.predict_encoded, settings.max_batch_size, settings.max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="adamix-zoo",
+        description="Many AdaMix task adapters served from one frozen backbone, in mixed-task batches.",
+        lifespan=lifespan,
+    )
+    app.state.engine, app.state.batcher, app.state.settings = engine, batcher, settings
+    app.state.latencies_ms = deque(maxlen=100_000)
+    _add_error_handlers(app)
+    _add_latency_middleware(app)
+    _add_predict_routes(app, engine, batcher, settings)
+    _add_task_routes(app, engine, settings)
+    return app
+
+
+def _add_predict_routes(
+    app: FastAPI, engine: ServingEngine, batcher: DynamicBatcher, settings: ServerSettings
+) -> None:
+    @app.post("/v1/predict", response_model=PredictResponse, tags=["predict"])
+    async def predict(body: PredictRequest) -> PredictResponse:
+        """Labels and probabilities (or regression values) of one task for one or many inputs."""
+        inputs = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
+        if not inputs:
+            raise InputError("inputs is empty: send at least one input")
+        if len(inputs) > settings.max_inputs:
+            raise InputError(
+                f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}"
+            )
+        if not engine.has_task(body.task):
+            raise UnknownTaskError(f"unknown task {body.task!r}; attached: {engine.task_names()}")
+        rows = engine.encode(inputs)  # validates lengths here, so a bad input never joins a batch
+        answers: list[Prediction] = await batcher.submit([body.task] * len(rows), rows)
+        return PredictResponse(
+            task=body.task,
+            version=answers[0].version or "",
+            predictions=[
+                PredictionOut(label=a.label, score=a.score, scores=a.scores) for a in answers
+            ],
+        )
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness and what is served."""
+        return {
+            "status": "ok",
+            "backbone": engine.backbone_id,
+            "fingerprint": engine.fingerprint,
+            "tasks": engine.task_names(),
+            "resident": engine.resident_tasks(),
+        }
+
+    @app.get("/v1/stats", tags=["health"])
+    async def stats() -> dict[str, Any]:
+        """Server-side latency percentiles of /v1/predict and what the batch worker did."""
+        return {
+            "latency_ms": latency_summary(list(app.state.latencies_ms)),
+            "batches": vars(batcher.stats),
+        }
+
+
+def _add_task_routes(app: FastAPI, engine: ServingEngine, settings: ServerSettings) -> None:
+    @app.get("/v1/tasks", response_model=TasksResponse, tags=["tasks"])
+    async def tasks() -> TasksResponse:
+        """Every attached task: kind, version, labels, source folder, whether it is in memory."""
+        # In a thread: the engine's lock is held while a batch runs, and the loop must not wait.
+        infos = await asyncio.get_running_loop().run_in_executor(None, engine.tasks)
+        return TasksResponse(tasks=[TaskOut(**t.to_dict()) for t in infos])
+
+    @app.post("/v1/tasks/load", response_model=TasksResponse, tags=["tasks"])
+    async def load(body: LoadRequest) -> TasksResponse:
+        """Attach a task from a folder path or a registry reference (all heads of a merged entry)."""
+        _require_load(settings)
+        if (body.path is None) == (body.reference is None):
+            raise InputError(
+                "give exactly one of 'path' (a task folder) or 'reference' (a registry entry)"
+            )
+        loop = asyncio.get_running_loop()
+        folder = (
+            Path(body.path)
+            if body.path is not None
+            else await loop.run_in_executor(
+                None, resolve_reference, body.reference, settings.registry_root
+            )
+        )
+        infos = await loop.run_in_executor(
+            None, lambda: engine.attach_all(folder, body.task, body.label_names, body.head)
+        )
+        return TasksResponse(tasks=[TaskOut(**i.to_dict()) for i in infos])
+
+    @app.post("/v1/tasks/{task}/unload", response_model=UnloadResponse, tags=["tasks"])
+    async def unload(task: str) -> UnloadResponse:
+        """Detach a task (its folder is left alone)."""
+        _require_load(settings)
+        await asyncio.get_running_loop().run_in_executor(None, engine.detach, task)
+        return UnloadResponse(task=task, unloaded=True)
+
+
+class LoadDisabledError(PermissionError):
+    """Loading and unloading are switched off for this server."""
+
+
+def _require_load(settings: ServerSettings) -> None:
+    if not settings.allow_load:
+        raise LoadDisabledError(
+            "loading and unloading tasks is disabled on this server (--no-allow-load)"
+        )
+
+
+def resolve_reference(reference: str, root: str | None = None) -> Path:
+    """A registry reference (``namespace/task@version``) -> its verified entry folder.
+
+    Raises:
+        ValueError: the registry package is not installed, or the entry fails verification.
+        KeyError: no such entry (the registry's EntryNotFoundError).
+    """
+    try:
+        from registry import Store  # optional: adamix_zoo never needs the registry
+    except ImportError as err:
+        raise ValueError(
+            f"loading by registry reference needs the registry package ({err}); give a path"
+        ) from err
+    return Store(root).get(reference)
+
+
+def latency_summary(values: list[float]) -> dict[str, float | int]:
+    """Count, p50, p90, p99 and max of latencies in milliseconds (nearest-rank percentiles)."""
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        rank = math.ceil(
+            q * len(ordered) - 1e-9
+        )  # nearest rank; the epsilon absorbs 0.99 * 100 > 99
+        return ordered[min(len(ordered), max(1, rank)) - 1]
+
+    return {
+        "count": len(ordered),
+        "p50": pct(0.50),
+        "p90": pct(0.90),
+        "p99": pct(0.99),
+        "max": ordered[-1],
+    }
+
+
+def _add_latency_middleware(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def record_latency(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        if request.url.path == "/v1/predict" and response.status_code == 200:
+            app.state.latencies_ms.append((time.perf_counter() - start) * 1000.0)
+        return response
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": message})
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {})
+            return _error(
+                400, f"malformed JSON: {ctx.get('error', 'cannot parse the request body')}"
+            )
+        parts = [
+            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5]
+        ]
+        return _error(422, "invalid request: " + "; ".join(parts))
+
+    statuses = {
+        UnknownTaskError: 404,
+        InputError: 422,
+        FingerprintMismatchError: 409,
+        LoadDisabledError: 403,
+        KeyError: 404,
+        ValueError: 400,
+    }
+    for error_type, status in statuses.items():
+        app.add_exception_handler(error_type, _handler(status))
+
+
+def _handler(status: int):
+    async def handle(_: Request, err: Exception) -> JSONResponse:
+        return _error(
+            status, str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        )
+
+    return handle

@@ -1,0 +1,141 @@
+"""Generation: a tiny random Llama and GPT-2 learn a toy data-to-text mapping with every method;
+metric functions agree with known values; data grouping and prompt masking are right."""
+
+import itertools
+
+import pytest
+import sacrebleu
+import torch
+
+from adamix_zoo import AdaMixModel
+from adamix_zoo.generation.data import IGNORE, collate_lm, encode_pair, grouped_examples, training_pairs
+from adamix_zoo.generation.generate import generate
+from adamix_zoo.generation.metrics import bleu, nist, nlg_metrics, rouge_l
+from adamix_zoo.generation.objective import lm_loss
+from adamix_zoo.generation.recipe import METHODS, GenerationArgs
+from adamix_zoo.generation.tasks import NLGTask, get_nlg_task
+from tests.tiny import tiny_model, tiny_tokenizer
+
+NAMES, FOODS = [f"n{i}" for i in range(6)], [f"f{i}" for i in range(5)]
+TOY = NLGTask("toy", "", lambda r: r["src"], lambda r: [r["tgt"]], ("src", "tgt"))
+PAIRS = [(f"name {n} food {f}", f"{n} serves {f}") for n, f in itertools.product(NAMES, FOODS)]
+
+
+def _toy_setup(arch: str, method: str):
+    tokenizer = tiny_tokenizer(["Data:", "Text:", "name", "food", "serves"] + NAMES + FOODS)
+    config = GenerationArgs(method=method, rank=8, alpha=16, num_experts=4).adamix_config()
+    # a larger init lets the frozen, tied output head express confident predictions
+    model = AdaMixModel(tiny_model(arch, head="lm", init=0.2), config, head_modules=[])
+    features = [encode_pair(tokenizer, TOY, s, t, 32) for s, t in PAIRS]
+    return model, tokenizer, features
+
+
+@torch.no_grad()
+def _eval(model: AdaMixModel, batch: dict) -> tuple[float, float]:
+    """(loss, teacher-forced accuracy on target tokens) in eval mode (merged routing)."""
+    model.eval()
+    out = model(**batch)
+    predicted, labels = out.logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    return out.loss.item(), (predicted[mask] == labels[mask]).float().mean().item()
+
+
+def _train_toy(arch: str, method: str, steps: int = 150):
+    torch.manual_seed(0)
+    model, tokenizer, features = _toy_setup(arch, method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = collate_lm([features[i] for i in torch.randint(len(features), (16,), generator=g)],
+                           tokenizer.pad_token_id)
+        model.train()
+        lm_loss(model, batch, model.config.consistency_weight).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, tokenizer, features
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_tiny_lm_learns_toy_data_to_text(arch, method):
+    untrained, tokenizer, features = _toy_setup(arch, method)
+    everything = collate_lm(features, tokenizer.pad_token_id)
+    loss0, accuracy0 = _eval(untrained, everything)
+    model, _, _ = _train_toy(arch, method)
+    loss1, accuracy1 = _eval(model, everything)
+    assert loss1 < 0.5 * loss0
+    assert accuracy1 > 0.5 > accuracy0  # chance is about 1 / 16
+
+
+def test_batched_greedy_and_beam_generation_match_single_inputs():
+    model, tokenizer, _ = _train_toy("llama", "lora")
+    sources = [s for s, _ in PAIRS[::5]]
+    sources[0] = "name n0 food f0 name n1"  # a longer prompt: the others are left-padded
+    batched = generate(model, tokenizer, TOY, sources, batch_size=len(sources), max_new_tokens=4)
+    single = [generate(model, tokenizer, TOY, [s], max_new_tokens=4)[0] for s in sources]
+    assert batched == single
+    targets = dict(PAIRS)
+    assert sum(batched[i] == targets[s] for i, s in enumerate(sources) if s in targets) >= 3
+    beams = generate(model, tokenizer, TOY, sources, num_beams=3, max_new_tokens=4)
+    assert len(beams) == len(sources) and all(isinstance(b, str) for b in beams)
+
+
+def test_prompt_tokens_are_masked_and_batches_padded():
+    tokenizer = tiny_tokenizer(["Data:", "Text:", "a", "b", "c"])
+    feature = encode_pair(tokenizer, TOY, "a b", "c", 32)
+    prompt_len = len(tokenizer("Data: a b\nText:", add_special_tokens=False)["input_ids"])
+    assert feature["labels"][:prompt_len] == [IGNORE] * prompt_len
+    assert feature["labels"][prompt_len:] == feature["input_ids"][prompt_len:]
+    assert feature["input_ids"][-1] == tokenizer.eos_token_id
+    short = encode_pair(tokenizer, TOY, "a", "c", 32)
+    batch = collate_lm([feature, short], tokenizer.pad_token_id)
+    assert batch["attention_mask"][1].sum() == len(short["input_ids"])
+    assert (batch["labels"][1][len(short["input_ids"]):] == IGNORE).all()
+
+
+def test_lm_consistency_adds_a_masked_kl_term():
+    torch.manual_seed(0)
+    model, tokenizer, features = _toy_setup("llama", "adamix-lora")
+    with torch.no_grad():
+        for m in model.mixtures().values():
+            m.adamix_lora_B.normal_()
+    batch = collate_lm(features[:4], tokenizer.pad_token_id)
+    model.train()
+    model.seed_routing(1)
+    plain = lm_loss(model, batch, 0.0)
+    model.seed_routing(1)
+    with_kl = lm_loss(model, batch, 10.0)
+    assert with_kl.item() > plain.item()  # passes differ, so the KL term is positive
+
+
+def test_metrics_agree_with_known_values():
+    hyps = ["the cat sat on the mat", "a dog ran"]
+    refs = [["the cat sat on the mat", "a cat on a mat"], ["the dog ran fast"]]
+    expected = sacrebleu.corpus_bleu(hyps, [["the cat sat on the mat", "the dog ran fast"],
+                                            ["a cat on a mat", None]]).score
+    assert bleu(hyps, refs) == pytest.approx(expected)
+    assert bleu(["a b c d"], [["a b c d"]]) == pytest.approx(100.0)
+    assert rouge_l(["a b c d"], [["x y", "a b c d"]]) == pytest.approx(100.0)  # best reference
+    assert rouge_l(["a b"], [["a c"]]) == pytest.approx(50.0)  # LCS 1 of 2 both ways
+    assert nist(["x y z"], [["q r s"]]) == 0.0
+    assert nist(hyps, refs) > nist(["a dog ran", "the cat sat on the mat"], refs)
+    assert set(nlg_metrics(hyps, refs)) == {"bleu", "rouge_l", "nist"}
+    with pytest.raises(ValueError, match="2 hypotheses but 1 reference lists"):
+        bleu(hyps, refs[:1])
+
+
+def test_tasks_linearise_and_group_references():
+    e2e, webnlg, dart = get_nlg_task("e2e"), get_nlg_task("webnlg"), get_nlg_task("dart")
+    rows = [{"meaning_representation": "name[A]", "human_reference": "A one."},
+            {"meaning_representation": "name[A]", "human_reference": "A two."},
+            {"meaning_representation": "name[B]", "human_reference": "B."}]
+    examples = grouped_examples(e2e, rows)
+    assert [(e.source, e.references) for e in examples] == [("name[A]", ("A one.", "A two.")), ("name[B]", ("B.",))]
+    assert len(training_pairs(e2e, rows)) == 3
+    assert webnlg.source({"triples": ["Aarhus_Airport | cityServed | Aarhus"]}) == "Aarhus Airport | cityServed | Aarhus"
+    assert dart.source({"tripleset": [["a", "B", "c"], ["d", "E", "f"]]}) == "a | B | c ; d | E | f"
+    assert dart.references({"annotations": [{"source": "s", "text": "t1"}, {"source": "s", "text": "t2"}]}) == ["t1", "t2"]
+    with pytest.raises(ValueError, match="unknown generation task 'xsum'"):
+        get_nlg_task("xsum")
+    with pytest.raises(ValueError, match="method='prefix'"):
+        GenerationArgs(method="prefix")
