@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "adamix_zoo.commands",
     "adamix_zoo.serving.commands",
     "registry.commands",
+    "federation.commands",
 )
 
 app = typer.Typer(

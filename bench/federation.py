@@ -1,0 +1,216 @@
+"""Federated AdaMix vs centralized AdaMix on all-MiniLM-L6-v2 / SST-2, in one run.
+
+    .venv/bin/python bench/federation.py            # full: 4 clients, Dirichlet 0.5, 5 x 25 steps
+    .venv/bin/python bench/federation.py --quick    # a smoke run (tiny subsets, 2 rounds)
+
+Federated: Flower's runtime (a local SuperLink in simulation mode, Ray backend, no dependency
+installation), 4 clients holding Dirichlet(alpha) label-skewed partitions of the same training
+subset, FedAvg over the adapter experts (and the head, single-task). Centralized: the project's
+training recipe (``adamix_zoo.training``) on the union of the partitions, with the same total number
+of optimizer steps (rounds x local steps x clients) and batch size. Both report the dev accuracy of
+the merged model on the same validation subset.
+
+- ``bytes_per_client_round``: the float32 tensor payload one client receives and sends per round.
+- ``bytes_ratio_vs_full_model``: that over the same for FedAvg of the whole model (backbone + head).
+- ``round_overhead_fraction``: 1 - (clients' time inside the training loop) / (round wall time,
+  training and evaluation phases), summed over rounds. Clients run one at a time (each simulated
+  client asks for both cores), so the loop times add up. The rest is Flower messaging, process and
+  model set-up, data loading, (de)serialization and the per-round evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import machine, markdown_table, write_json, write_section  # noqa: E402
+
+COMMAND = ".venv/bin/python bench/federation.py"
+TARGET_RATIO = 0.95
+FULL = {
+    "clients": 4,
+    "alpha": 0.5,
+    "rounds": 5,
+    "local_steps": 25,
+    "batch_size": 16,
+    "train_limit": 8000,
+    "eval_limit": 872,
+    "max_length": 64,
+}
+QUICK = {
+    "clients": 4,
+    "alpha": 0.5,
+    "rounds": 2,
+    "local_steps": 3,
+    "batch_size": 8,
+    "train_limit": 400,
+    "eval_limit": 64,
+    "max_length": 32,
+}
+
+
+def data_dir() -> Path:
+    root = os.environ.get("ADAMIX_DATA_DIR") or str(
+        Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+    if not (Path(root) / "glue" / "sst2").is_dir():
+        raise SystemExit(f"no GLUE data under {root}: set ADAMIX_DATA_DIR")
+    return Path(root)
+
+
+def federated(s: dict, out: Path, seed: int) -> tuple[dict, float]:
+    from federation.runtime import LocalFederation
+
+    run_config = {
+        "tasks": "sst2",
+        "backbone": "minilm-l6",
+        "data-dir": str(data_dir()),
+        "num-clients": s["clients"],
+        "min-clients": s["clients"],
+        "num-rounds": s["rounds"],
+        "local-steps": s["local_steps"],
+        "batch-size": s["batch_size"],
+        "max-length": s["max_length"],
+        "partitioner": "dirichlet",
+        "dirichlet-alpha": s["alpha"],
+        "train-limit": s["train_limit"],
+        "eval-limit": s["eval_limit"],
+        "seed": seed,
+        "output-dir": str(out),
+        "publish": False,
+        "round-timeout": 1800.0,
+    }
+    start = time.perf_counter()
+    with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
+        fed.run(run_config, timeout=3600)
+    return json.loads((out / "final_metrics.json").read_text()), time.perf_counter() - start
+
+
+def centralized(s: dict, out: Path, seed: int) -> tuple[dict, float]:
+    from adamix_zoo.training import TrainArgs, train
+
+    steps = s["rounds"] * s["local_steps"] * s["clients"]
+    args = TrainArgs(
+        task="sst2",
+        method="adamix-lora",
+        backbone="minilm-l6",
+        data_dir=str(data_dir() / "glue"),
+        output_dir=str(out),
+        seed=seed,
+        data_seed=seed,
+        max_steps=steps,
+        batch_size=s["batch_size"],
+        max_length=s["max_length"],
+        train_subset=s["train_limit"],
+        validation_subset=s["eval_limit"],
+        eval_every=steps,
+        progress=False,
+    )
+    start = time.perf_counter()
+    result = train(args)
+    return {"main_metric": result.main_metric, **result.best_metrics}, time.perf_counter() - start
+
+
+def full_model_bytes() -> int:
+    """FedAvg of the whole model moves every backbone and head tensor (float32) down and up."""
+    from transformers import AutoModel
+
+    from adamix_zoo.backbones import resolve_backbone
+
+    backbone = AutoModel.from_pretrained(resolve_backbone("minilm-l6"))
+    params = sum(p.numel() for p in backbone.parameters()) + backbone.config.hidden_size * 2 + 2
+    return 2 * 4 * params
+
+
+def overhead(log: dict) -> tuple[float, float]:
+    """(whole round, training phase only): share of wall time outside clients' training loops."""
+    train = sum(sum(v) for v in log["client_train_seconds"].values())
+    phase = sum(log["round_train_phase_seconds"].values())
+    rounds = phase + sum(log["round_eval_phase_seconds"].values())
+    return 1 - train / rounds, 1 - train / phase
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny subsets, 2 rounds: checks the script works"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    s = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory(prefix="bench-fed-") as tmp:
+        fed, fed_seconds = federated(s, Path(tmp) / "federated", args.seed)
+        central, central_seconds = centralized(s, Path(tmp) / "central", args.seed)
+    log = fed["federation"]
+    round_overhead, train_overhead = overhead(log)
+    bytes_round = log["bytes_per_client_round"]
+    results = {
+        "settings": s
+        | {
+            "task": "sst2",
+            "backbone": "all-MiniLM-L6-v2",
+            "method": "adamix-lora K=4 r=8",
+            "strategy": "fedavg",
+            "total_steps": s["rounds"] * s["local_steps"] * s["clients"],
+        },
+        "quick": args.quick,
+        "federated_accuracy": fed["accuracy"],
+        "centralized_accuracy": central["accuracy"],
+        "fed_vs_central_metric_ratio": fed["accuracy"] / central["accuracy"],
+        "target_fed_vs_central_metric_ratio": TARGET_RATIO,
+        "bytes_per_client_round": bytes_round,
+        "bytes_ratio_vs_full_model": bytes_round / full_model_bytes(),
+        "round_overhead_fraction": round_overhead,
+        "train_phase_overhead_fraction": train_overhead,
+        "federated_wall_seconds": fed_seconds,
+        "centralized_wall_seconds": central_seconds,
+        "rounds_aggregated": log["aggregated_rounds"],
+        "machine": machine(),
+        "command": COMMAND + (" --quick" if args.quick else ""),
+    }
+    write_json("federation", results)
+    write_section("federation", report(results))
+    print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=2))
+
+
+def report(r: dict) -> str:
+    s, m = r["settings"], r["machine"]
+    rows = [
+        [
+            "dev accuracy, federated / centralized",
+            f"{r['federated_accuracy']:.4f} / {r['centralized_accuracy']:.4f}",
+        ],
+        ["fed_vs_central_metric_ratio (target >= 0.95)", f"{r['fed_vs_central_metric_ratio']:.4f}"],
+        ["bytes_per_client_round", f"{r['bytes_per_client_round']:,}"],
+        ["bytes_ratio_vs_full_model", f"{r['bytes_ratio_vs_full_model']:.5f}"],
+        [
+            "round_overhead_fraction (train phase only)",
+            f"{r['round_overhead_fraction']:.3f} ({r['train_phase_overhead_fraction']:.3f})",
+        ],
+        [
+            "wall seconds, federated / centralized",
+            f"{r['federated_wall_seconds']:.0f} / {r['centralized_wall_seconds']:.0f}",
+        ],
+    ]
+    quick = " **(--quick smoke run: numbers are not meaningful)**" if r["quick"] else ""
+    return (
+        f"## Federation{quick}\n\n"
+        f"AdaMix-LoRA (K=4, r=8) on all-MiniLM-L6-v2, SST-2 ({s['train_limit']} train rows, "
+        f"{s['eval_limit']} dev rows): {s['clients']} Flower clients with "
+        f"Dirichlet(alpha={s['alpha']}) label-skewed partitions, {s['rounds']} rounds x "
+        f"{s['local_steps']} local steps (FedAvg over "
+        f"the adapter experts and the head), against centralized training with the same "
+        f"{s['total_steps']} steps of batch {s['batch_size']}.\n\n"
+        + markdown_table(["metric", "value"], rows)
+        + f"\n\nCommand: `{r['command']}` ({m['cpu']}, {m['threads']} threads, {m['date']})."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""``adamix-zoo federate``: a whole Flower federation on this machine, no Flower setup needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``federate`` to the main CLI."""
+    app.command()(federate)
+
+
+def federate(
+    tasks: str = typer.Option(
+        "sst2", help="GLUE task, or comma-separated tasks (one per client, round robin)."
+    ),
+    clients: int = typer.Option(4, min=1, help="Clients (SuperNodes)."),
+    rounds: int = typer.Option(3, min=1, help="Federated rounds."),
+    local_steps: int = typer.Option(20, min=1, help="Local optimizer steps per client per round."),
+    strategy: str = typer.Option("fedavg", help="fedavg, fedmedian, fedtrimmedavg or krum."),
+    dp: str = typer.Option(
+        "none", help="none, server-fixed, server-adaptive, client-fixed, client-adaptive."
+    ),
+    partitioner: str = typer.Option("iid", help="iid or dirichlet."),
+    alpha: float = typer.Option(
+        0.5, help="Dirichlet concentration (with --partitioner dirichlet)."
+    ),
+    backbone: str = typer.Option("minilm-l6", help="Backbone alias or local model folder."),
+    data_dir: Optional[Path] = typer.Option(
+        None, help="Data root holding glue/<task>/ (default $ADAMIX_DATA_DIR)."
+    ),
+    output_dir: Path = typer.Option(Path("outputs/federation"), help="Run folder to write."),
+    publish: bool = typer.Option(True, help="Publish the merged global adapter into the registry."),
+    registry_dir: Optional[Path] = typer.Option(
+        None, help="Registry root (default: $ADAMIX_ZOO_HOME or the user cache folder)."
+    ),
+    deployment: bool = typer.Option(
+        False, help="Real SuperNode processes instead of the simulation engine."
+    ),
+    run_config: str = typer.Option(
+        "", help='More run-config overrides, e.g. "batch-size=32 train-limit=2000".'
+    ),
+    timeout: float = typer.Option(3600.0, help="Seconds before the run is abandoned."),
+) -> None:
+    """Run a federated AdaMix training with Flower on this machine and publish the global adapter.
+
+    Starts its own SuperLink (and, with --deployment, one SuperNode per client) on 127.0.0.1 with
+    Flower's state in a temporary FLWR_HOME, runs the app with `flwr run`, stops every process.
+
+    Examples:
+
+        adamix-zoo federate --tasks sst2 --clients 4 --rounds 3 --partitioner dirichlet --alpha 0.5
+
+        adamix-zoo federate --tasks sst2,rte --clients 4 --run-config "train-limit=2000"
+    """
+    import json
+
+    from flwr.common.config import parse_config_args
+
+    from federation.config import FederationConfig
+    from federation.runtime import LocalFederation, RuntimeFailure
+    from registry import default_home
+
+    data = data_dir or os.environ.get("ADAMIX_DATA_DIR")
+    if not data:
+        raise typer.BadParameter(
+            "set --data-dir or $ADAMIX_DATA_DIR (the folder holding glue/<task>/)"
+        )
+    overrides = {
+        "tasks": tasks,
+        "num-clients": clients,
+        "num-rounds": rounds,
+        "local-steps": local_steps,
+        "strategy": strategy,
+        "dp": dp,
+        "partitioner": partitioner,
+        "dirichlet-alpha": alpha,
+        "backbone": backbone,
+        "data-dir": str(Path(data).resolve()),
+        "output-dir": str(output_dir.resolve()),
+        # resolved here: the ServerApp runs under the SuperLink, whose environment may differ
+        "registry-dir": str((registry_dir or default_home()).resolve()),
+        "publish": publish,
+    } | parse_config_args([run_config] if run_config else None)
+    try:
+        cfg = FederationConfig.from_run_config(overrides)  # fail here, not inside the SuperLink
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    from federation.server_app import RESULT_FILE
+
+    result = cfg.output_path() / RESULT_FILE
+    if result.exists():
+        result.unlink()  # a leftover of an earlier run must not pass for this one
+
+    with LocalFederation(simulation=not deployment) as fed:
+        if deployment:
+            for pid in range(cfg.num_clients):
+                fed.add_supernode(pid, cfg.num_clients)
+        try:
+            fed.run(cfg.to_run_config(), timeout=timeout, echo=True)
+        except RuntimeFailure as err:
+            typer.secho(str(err)[-2000:], fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from err
+    if not result.exists():
+        typer.secho(
+            "the federation did not complete: the ServerApp failed (see the log above)",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+    done = json.loads(result.read_text())
+    typer.secho(f"global adapter written to {cfg.output_path()}", fg=typer.colors.GREEN)
+    for task, folder in done["task_folders"].items():
+        metrics = json.loads((Path(folder) / "final_metrics.json").read_text())
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        typer.echo(f"{task} dev metrics (global model): {shown}")
+    for ref in done["published"]:
+        typer.secho(f"published {ref}", fg=typer.colors.GREEN)

@@ -1,0 +1,188 @@
+"""The ServerApp: federate the adapter experts, then save and publish the merged global adapter.
+
+The server builds the same model as the clients (same backbone, same AdaMix seed) only to own the
+initial experts, to know what a valid update looks like (names, shapes, dtypes), and to evaluate
+and save the final global adapter. Rounds run through Flower's ``Strategy.start`` with the
+configured strategy behind ``ValidatingStrategy``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from adamix_zoo.tasks import get_task
+from federation.client_app import HEAD_DIR
+from federation.config import FederationConfig
+from federation.output import (
+    CLIENT_HEADS_DIR,
+    TASKS_DIR,
+    attach_head,
+    client_head,
+    publish,
+    write_run,
+)
+from federation.records import Spec, check_record, from_record, record_bytes, spec_of, to_record
+from federation.strategies import ValidatingStrategy, build_strategy
+from federation.task import (
+    build_model,
+    encoded,
+    evaluate,
+    load_shared_state,
+    load_split,
+    shared_state,
+)
+
+app = ServerApp()
+RESULT_FILE = "federation_result.json"
+
+
+class FederationError(RuntimeError):
+    """The federation produced nothing that may be saved or published."""
+
+
+@dataclass
+class Outcome:
+    """What a finished federation wrote: run folders, published entries, per-round log."""
+
+    folder: Path
+    metrics: dict[str, Any]
+    published: list[str] = field(default_factory=list)
+    task_folders: dict[str, Path] = field(default_factory=dict)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, FederationConfig.from_run_config(context.run_config))
+
+
+def wait_for_clients(grid: Grid, count: int, timeout: float) -> None:
+    """Block until ``count`` clients are connected, so round 1 samples every one of them.
+
+    Raises:
+        FederationError: fewer connected clients after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {connected} of {count} clients connected within {timeout:.0f}s"
+            )
+        time.sleep(0.5)
+
+
+def final_arrays(strategy: ValidatingStrategy, arrays: ArrayRecord, spec: Spec) -> ArrayRecord:
+    """The global experts to save: from an aggregated round, and checked once more.
+
+    Raises:
+        FederationError: no round aggregated, or the final experts fail validation.
+    """
+    if not strategy.log.aggregated_rounds:
+        raise FederationError("no round produced a valid aggregate: nothing is saved or published")
+    problems = check_record(arrays, spec)
+    if problems:
+        raise FederationError("the final global experts are invalid: " + "; ".join(problems))
+    return arrays
+
+
+def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
+    """Run every round, then write (and publish) the output folder(s).
+
+    Raises:
+        FederationError: not enough clients, or no valid aggregate to save.
+    """
+    out = cfg.output_path()
+    model = build_model(cfg, cfg.task_list[0])
+    initial = shared_state(model, cfg.head_federated)
+    spec = spec_of(initial)
+    strategy = build_strategy(cfg, spec)
+    wait_for_clients(grid, cfg.num_clients, cfg.round_timeout)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_record(initial),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        evaluate_config=ConfigRecord({HEAD_DIR: str(out / CLIENT_HEADS_DIR)}),
+    )
+    arrays = final_arrays(strategy, result.arrays, spec)
+    report = strategy.log.to_dict() | {
+        "bytes_per_client_round": 2 * record_bytes(arrays),  # global experts down + update up
+        "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+        "client_eval_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+    }
+    global_state = from_record(arrays)
+    finish = _finish_multi if cfg.multi_task else _finish_single
+    outcome = finish(cfg, model, global_state, out, report)
+    write_result(outcome)
+    return outcome
+
+
+def write_result(outcome: Outcome) -> Path:
+    """``federation_result.json``, written last: its presence means the whole run succeeded."""
+    path = outcome.folder / RESULT_FILE
+    result = {
+        "published": outcome.published,
+        "task_folders": {k: str(v) for k, v in outcome.task_folders.items()},
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def _server_metrics(
+    cfg: FederationConfig, model, task: str, report: dict[str, Any]
+) -> dict[str, Any]:
+    """The global model's metrics on the task's (whole) validation split, plus the round log."""
+    spec = get_task(task)
+    scores = evaluate(cfg, spec, model, encoded(cfg, spec, load_split(cfg, spec, "validation")))
+    log(INFO, "global model on %s validation: %s", task, scores)
+    return {"main_metric": spec.main_metric, **scores, "federation": report}
+
+
+def _finish_single(
+    cfg: FederationConfig, model, state, out: Path, report: dict[str, Any]
+) -> Outcome:
+    load_shared_state(model, state)
+    task = cfg.task_list[0]
+    metrics = _server_metrics(cfg, model, task, report)
+    write_run(out, cfg, get_task(task), model, metrics)
+    ref = publish(out, cfg, task)
+    return Outcome(out, metrics, [ref] if ref else [], {task: out})
+
+
+def _finish_multi(
+    cfg: FederationConfig, shared_model, state, out: Path, report: dict[str, Any]
+) -> Outcome:
+    """Shared experts at the top; a run folder per task whose client head is on this machine."""
+    experts = {k: v for k, v in state.items() if not k.startswith("head.")}
+    shared_model.backbone.load_adapter_state_dict(experts)
+    outcome = Outcome(out, {"main_metric": None, "federation": report})
+    for task in cfg.task_list:
+        head = client_head(out, task)
+        if head is None:
+            log(
+                INFO,
+                "no local head for %s (its clients keep it): only the shared experts are saved",
+                task,
+            )
+            continue
+        model = build_model(cfg, task)
+        model.backbone.load_adapter_state_dict(experts)
+        attach_head(model, head)
+        metrics = _server_metrics(cfg, model, task, report)
+        outcome.metrics[task] = {k: v for k, v in metrics.items() if k != "federation"}
+        outcome.task_folders[task] = write_run(
+            out / TASKS_DIR / task, cfg, get_task(task), model, metrics
+        )
+    write_run(out, cfg, None, shared_model, outcome.metrics)
+    for task, folder in outcome.task_folders.items():
+        ref = publish(folder, cfg, task)
+        outcome.published += [ref] if ref else []
+    return outcome

@@ -1,0 +1,327 @@
+"""The server side without a model: update checks, aggregation numbers, strategy choice, config."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+)
+
+from federation.config import FederationConfig
+from federation.records import check_record, travelling_name
+from federation.strategies import ValidatingStrategy, build_strategy, flower_strategy, reply_problem
+
+pytest_plugins = ["tests.test_federation_support"]
+
+SPEC = {
+    "encoder.layer.0.intermediate.dense.adamix_lora_A": ((2, 3, 4), "float32"),
+    "encoder.layer.0.intermediate.dense.adamix_lora_B": ((1, 4, 3), "float32"),
+}
+
+
+def arrays(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(shape).astype(np.float32) for k, (shape, _) in SPEC.items()}
+
+
+def reply(node: int, tensors: dict[str, np.ndarray], n: float = 10, **metrics) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    record = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+    content = RecordDict(
+        {"arrays": record, "metrics": MetricRecord({"num-examples": n, **metrics})}
+    )
+    return Message(content, reply_to=instruction)
+
+
+def error_reply(node: int) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(Error(code=1, reason="ClientAppException: boom"), reply_to=instruction)
+
+
+def fedavg_wrapper(min_valid: int = 2) -> ValidatingStrategy:
+    return ValidatingStrategy(FedAvg(), SPEC, min_valid, ["sst2"])
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_fedavg_aggregate_is_the_example_weighted_mean():
+    updates = {1: (arrays(1), 10), 2: (arrays(2), 30), 3: (arrays(3), 60)}
+    agg, metrics = fedavg_wrapper().aggregate_train(
+        1, [reply(n, t, w, **{"train-loss": float(n)}) for n, (t, w) in updates.items()]
+    )
+    for name in SPEC:
+        expected = sum(w * t[name].astype(np.float64) for t, w in updates.values()) / 100.0
+        np.testing.assert_allclose(agg[name].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert metrics["train-loss"] == pytest.approx((10 * 1 + 30 * 2 + 60 * 3) / 100)
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (
+            lambda t: (
+                t
+                | {
+                    "encoder.layer.0.intermediate.dense.adamix_lora_A": np.full(
+                        (2, 3, 4), np.nan, np.float32
+                    )
+                }
+            ),
+            "non-finite",
+        ),
+        (
+            lambda t: (
+                t
+                | {
+                    "encoder.layer.0.intermediate.dense.adamix_lora_B": np.full(
+                        (1, 4, 3), np.inf, np.float32
+                    )
+                }
+            ),
+            "non-finite",
+        ),
+        (
+            lambda t: (
+                t
+                | {
+                    "encoder.layer.0.intermediate.dense.adamix_lora_A": np.zeros(
+                        (2, 3, 5), np.float32
+                    )
+                }
+            ),
+            "shape",
+        ),
+        (
+            lambda t: (
+                t | {"encoder.layer.0.intermediate.dense.weight": np.zeros((4, 4), np.float32)}
+            ),
+            "unexpected",
+        ),
+        (lambda t: {k: v for k, v in t.items() if k.endswith("lora_A")}, "missing"),
+        (lambda t: {k: v.astype(np.float64) for k, v in t.items()}, "dtype"),
+    ],
+)
+def test_a_bad_update_is_rejected_logged_and_the_rest_aggregated(corrupt, reason, caplog):
+    strategy = fedavg_wrapper()
+    good = {1: arrays(1), 2: arrays(2)}
+    replies = [reply(1, good[1], 10), reply(2, good[2], 30), reply(3, corrupt(arrays(3)), 1000)]
+    with caplog.at_level(logging.WARNING):
+        agg, _ = strategy.aggregate_train(1, replies)
+    ((node, why),) = strategy.log.rejected[1]
+    assert node == 3 and reason in why
+    assert "rejected the update of node 3" in caplog.text
+    for name in SPEC:  # the bad client's 1000 examples carry no weight at all
+        np.testing.assert_allclose(
+            agg[name].numpy(), (10 * good[1][name] + 30 * good[2][name]) / 40, rtol=1e-6
+        )
+    assert strategy.log.aggregated_rounds == [1]
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_error_replies_and_bad_weights_are_rejected():
+    strategy = fedavg_wrapper()
+    replies = [
+        reply(1, arrays(1)),
+        error_reply(2),
+        reply(3, arrays(3), n=0),
+        reply(4, arrays(4), n=float("nan")),
+    ]
+    agg, _ = strategy.aggregate_train(1, replies)
+    assert agg is None  # one valid update < min 2
+    reasons = dict(strategy.log.rejected[1])
+    assert "boom" in reasons[2] and "num-examples" in reasons[3] and "num-examples" in reasons[4]
+    assert strategy.log.skipped == [1] and strategy.log.aggregated_rounds == []
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_corrupted_aggregate_is_never_adopted(caplog):
+    class Overflowing(FedAvg):  # an aggregate that overflows float32 although every input is finite
+        def aggregate_train(self, server_round, replies):
+            agg, metrics = super().aggregate_train(server_round, replies)
+            return ArrayRecord(
+                {k: Array(v.numpy() * np.float32(1e38) * 10) for k, v in agg.items()}
+            ), metrics
+
+    strategy = ValidatingStrategy(Overflowing(), SPEC, 2, ["sst2"])
+    with caplog.at_level(logging.WARNING), np.errstate(over="ignore"):
+        agg, metrics = strategy.aggregate_train(1, [reply(1, arrays(1)), reply(2, arrays(2))])
+    assert agg is None and metrics is None
+    assert "corrupted aggregate" in caplog.text and strategy.log.skipped == [1]
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_fedmedian_is_the_elementwise_median_of_the_valid_updates():
+    strategy = ValidatingStrategy(FedMedian(), SPEC, 2, ["sst2"])
+    ups = [arrays(s) for s in (1, 2, 3)]
+    agg, _ = strategy.aggregate_train(
+        1,
+        [reply(i, u) for i, u in enumerate(ups)]
+        + [
+            reply(
+                9,
+                arrays(9)
+                | {
+                    "encoder.layer.0.intermediate.dense.adamix_lora_A": np.full(
+                        (2, 3, 4), np.nan, np.float32
+                    )
+                },
+            )
+        ],
+    )
+    for name in SPEC:
+        np.testing.assert_allclose(
+            agg[name].numpy(), np.median(np.stack([u[name] for u in ups]), axis=0), rtol=1e-6
+        )
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_evaluation_metrics_are_weighted_per_task():
+    strategy = ValidatingStrategy(FedAvg(), SPEC, 1, ["sst2", "stsb"])
+
+    def ev(node, n, task, **m):
+        instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+        return Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": n, "task-index": task, **m})}),
+            reply_to=instruction,
+        )
+
+    out = strategy.aggregate_evaluate(
+        1,
+        [
+            ev(1, 10, 0, accuracy=0.5),
+            ev(2, 30, 0, accuracy=0.9),
+            ev(3, 5, 1, pearson=0.7),
+            error_reply(4),
+        ],
+    )
+    assert out["sst2-accuracy"] == pytest.approx(0.8) and out["stsb-pearson"] == pytest.approx(0.7)
+    assert "stsb-accuracy" not in out
+
+
+@pytest.mark.parametrize(
+    "name, dp, inner, outer",
+    [
+        ("fedavg", "none", FedAvg, FedAvg),
+        ("fedmedian", "none", FedMedian, FedMedian),
+        ("fedtrimmedavg", "none", FedTrimmedAvg, FedTrimmedAvg),
+        ("krum", "none", Krum, Krum),
+        ("fedavg", "server-fixed", FedAvg, DifferentialPrivacyServerSideFixedClipping),
+        ("fedavg", "client-fixed", FedAvg, DifferentialPrivacyClientSideFixedClipping),
+        ("fedmedian", "server-adaptive", FedMedian, DifferentialPrivacyServerSideAdaptiveClipping),
+    ],
+)
+def test_strategy_selection(name, dp, inner, outer):
+    cfg = FederationConfig(strategy=name, dp=dp, num_clients=4, min_clients=3)
+    strategy = flower_strategy(cfg)
+    assert type(strategy) is outer
+    base = getattr(strategy, "strategy", strategy)
+    assert type(base) is inner and base.min_train_nodes == 3 and base.fraction_train == 1.0
+    assert isinstance(build_strategy(cfg, SPEC), ValidatingStrategy)
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_server_side_dp_noise_is_applied_to_the_valid_updates_only():
+    cfg = FederationConfig(
+        strategy="fedavg",
+        dp="server-fixed",
+        num_clients=2,
+        min_clients=2,
+        dp_noise_multiplier=0.0,
+        dp_clipping_norm=1e6,
+    )
+    strategy = build_strategy(cfg, SPEC)
+    strategy.inner.current_arrays = ArrayRecord(
+        {k: Array(np.zeros(s, np.float32)) for k, (s, _) in SPEC.items()}
+    )
+    ups = [arrays(1), arrays(2)]
+    agg, _ = strategy.aggregate_train(1, [reply(1, ups[0]), reply(2, ups[1]), error_reply(3)])
+    for name in SPEC:  # zero noise and a huge clip: exactly FedAvg of the two valid updates
+        np.testing.assert_allclose(agg[name].numpy(), (ups[0][name] + ups[1][name]) / 2, rtol=1e-5)
+
+
+def test_reply_problem_accepts_a_clean_update(server_identity):
+    assert reply_problem(reply(1, arrays(1)), SPEC) is None
+
+
+def test_only_adapter_and_head_names_may_travel():
+    assert travelling_name("encoder.layer.0.attention.self.query.adamix_lora_A")
+    assert travelling_name("head.classifier.weight")
+    assert not travelling_name("encoder.layer.0.attention.self.query.base_layer.weight")
+    assert not travelling_name("embeddings.word_embeddings.weight")
+    record = ArrayRecord({k: Array(v) for k, v in arrays(1).items()})
+    assert check_record(record, SPEC) == []
+
+
+def test_config_from_run_config_and_validation():
+    cfg = FederationConfig.from_run_config(
+        {
+            "tasks": "sst2,rte",
+            "num-clients": "5",
+            "publish": "false",
+            "learning-rate": 3e-4,
+            "flower-own-key": 1,
+        }
+    )
+    assert (
+        cfg.num_clients == 5 and cfg.publish is False and cfg.multi_task and not cfg.head_federated
+    )
+    assert [cfg.client_task(i) for i in range(5)] == [
+        ("sst2", 0, 3),
+        ("rte", 0, 2),
+        ("sst2", 1, 3),
+        ("rte", 1, 2),
+        ("sst2", 2, 3),
+    ]
+    assert FederationConfig(tasks="sst2").head_federated
+    assert FederationConfig(tasks="sst2", federate_head="false").head_federated is False
+    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
+    with pytest.raises(
+        ValueError, match="strategy='fedprox' is not supported; choose one of fedavg"
+    ):
+        FederationConfig(strategy="fedprox")
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        FederationConfig(tasks="nope")
+    with pytest.raises(ValueError, match="min-clients=5 exceeds num-clients=4"):
+        FederationConfig(num_clients=4, min_clients=5)
+    with pytest.raises(ValueError, match="num-rounds must be int"):
+        FederationConfig.from_run_config({"num-rounds": "three"})
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize("name", ["fedtrimmedavg", "krum"])
+def test_robust_strategies_aggregate_valid_updates_in_the_model_dtype(name):
+    cfg = FederationConfig(strategy=name, num_clients=5, min_clients=2, trimmed_beta=0.2)
+    strategy = build_strategy(cfg, SPEC)
+    ups = [arrays(s) for s in range(5)]
+    agg, _ = strategy.aggregate_train(1, [reply(i, u) for i, u in enumerate(ups)])
+    stack = {k: np.stack([u[k] for u in ups]) for k in SPEC}
+    for k in SPEC:
+        assert agg[k].dtype == "float32" and np.isfinite(agg[k].numpy()).all()
+        if name == "krum":  # Krum picks one of the client updates
+            assert any(np.allclose(agg[k].numpy(), u[k]) for u in ups)
+        else:  # trimming one of five at each end: mean of the middle three, per element
+            middle = np.sort(stack[k], axis=0)[1:4].mean(axis=0)
+            np.testing.assert_allclose(agg[k].numpy(), middle, rtol=1e-5)
+
+
+def test_pyproject_run_config_matches_the_dataclass():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "federation.server_app:app",
+        "clientapp": "federation.client_app:app",
+    }
+    assert app["config"] == FederationConfig().to_run_config()
