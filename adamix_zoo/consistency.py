@@ -6,8 +6,13 @@ target (``sg``). The caller multiplies by the configured weight w.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from adamix_zoo.routing import routed_groups
 
 
 def _kl_sg(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -51,3 +56,16 @@ def consistency_loss(out1: torch.Tensor, out2: torch.Tensor, problem: str, mask=
             raise ValueError("the language-modelling consistency loss needs a token mask")
         return token_masked_kl(out1, out2, mask)
     raise ValueError(f"problem={problem!r} is not supported; choose classification, regression or lm")
+
+
+def two_routed_passes(
+    model: nn.Module, forward: Callable[[dict[str, Any]], Any], inputs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """Outputs of two independently routed passes over ``inputs``, run as one doubled batch.
+
+    ``forward(batch)`` returns a tensor (or an object with ``.logits``) whose dim 0 is the batch.
+    """
+    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    with routed_groups(model, 2):
+        out = forward(doubled)
+    return out.chunk(2, dim=0) if torch.is_tensor(out) else out.logits.chunk(2, dim=0)

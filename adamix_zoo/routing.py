@@ -8,7 +8,11 @@ routing stays random (the paper's analysis of single stochastic adapters).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 MERGED = -1  # expert index meaning "average of all experts"
 
@@ -21,6 +25,8 @@ class Router:
         self.generator.manual_seed(seed)
         self.eval_routing = eval_routing
         self.eval_expert = eval_expert
+        # >1 while a forward pass carries that many stacked copies of a batch (see routed_groups)
+        self.groups = 1
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -46,3 +52,31 @@ def select(experts: torch.Tensor, index: int) -> torch.Tensor:
     if index == MERGED:
         return experts.mean(dim=0)
     return experts[index]
+
+
+@contextmanager
+def routed_groups(model: nn.Module, groups: int) -> Iterator[None]:
+    """Route each of ``groups`` equal slices of the batch (dim 0) independently in training.
+
+    Running the two consistency passes as one doubled batch ``cat([x, x])`` inside
+    ``routed_groups(model, 2)`` is the same computation as two separate passes with independent
+    routing, but the frozen projections run as one larger matrix product and backward walks one graph.
+    """
+    routers = {id(r): r for m in model.modules() if isinstance(r := getattr(m, "router", None), Router)}
+    for router in routers.values():
+        router.groups = groups
+    try:
+        yield
+    finally:
+        for router in routers.values():
+            router.groups = 1
+
+
+def grouped_delta(x: torch.Tensor, router: Router, training: bool, delta) -> torch.Tensor:
+    """``delta(x)`` of a mixture, computed per routing group when the batch holds several."""
+    groups = router.groups if training else 1
+    if groups == 1:
+        return delta(x)
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} rows cannot be split into {groups} routing groups")
+    return torch.cat([delta(chunk) for chunk in x.chunk(groups, dim=0)], dim=0)

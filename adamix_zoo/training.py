@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adamix_zoo.config import SHARING, AdaMixConfig
-from adamix_zoo.consistency import consistency_loss
+from adamix_zoo.consistency import consistency_loss, two_routed_passes
 from adamix_zoo.data import Loaders, make_loaders
 from adamix_zoo.heads import POOLINGS, ClassificationHead, TaskModel
 from adamix_zoo.model import AdaMixModel
@@ -268,15 +268,16 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of one batch: task loss, plus AdaMix's consistency term when weighted.
 
-    With consistency, two passes route independently (and draw independent dropout); the task loss
-    is the mean over both passes (as in R-Drop) and ``w * consistency(pass1, pass2)`` is added.
+    With consistency, two passes route independently (and draw independent dropout), run as one
+    doubled batch; the task loss is the mean over both passes (as in R-Drop) and
+    ``w * consistency(pass1, pass2)`` is added.
     """
-    logits = _forward(model, batch)
-    loss = task_loss(logits, batch["labels"], task.problem)
     if consistency_weight <= 0:
+        loss = task_loss(_forward(model, batch), batch["labels"], task.problem)
         return loss, {"task_loss": loss.item(), "consistency": 0.0}
-    logits2 = _forward(model, batch)
-    loss = 0.5 * (loss + task_loss(logits2, batch["labels"], task.problem))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits, logits2 = two_routed_passes(model, lambda b: model(**b), inputs)
+    loss = 0.5 * (task_loss(logits, batch["labels"], task.problem) + task_loss(logits2, batch["labels"], task.problem))
     squeeze = task.problem == "regression"
     reg = consistency_loss(
         logits.squeeze(-1) if squeeze else logits, logits2.squeeze(-1) if squeeze else logits2, task.problem

@@ -26,7 +26,7 @@ from transformers import AutoModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamix_zoo import AdaMixConfig, AdaMixModel  # noqa: E402
 from adamix_zoo.backbones import resolve_backbone  # noqa: E402
-from adamix_zoo.consistency import consistency_loss  # noqa: E402
+from adamix_zoo.consistency import consistency_loss, two_routed_passes  # noqa: E402
 from adamix_zoo.heads import ClassificationHead  # noqa: E402
 from bench.report import machine, markdown_table, write_json, write_section  # noqa: E402
 
@@ -59,15 +59,16 @@ class Trainer:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-    def logits(self) -> torch.Tensor:
-        hidden = self.backbone(**self.batch).last_hidden_state
-        return self.head(hidden, self.batch["attention_mask"])
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.backbone(**batch).last_hidden_state
+        return self.head(hidden, batch["attention_mask"])
 
     def step(self) -> None:
-        first = self.logits()
-        loss = torch.nn.functional.cross_entropy(first, self.labels)
-        if self.two_passes:
-            second = self.logits()
+        if not self.two_passes:
+            loss = torch.nn.functional.cross_entropy(self.logits(self.batch), self.labels)
+        else:  # the two routed passes run as one doubled batch, as the training recipe does
+            first, second = two_routed_passes(self.backbone, self.logits, self.batch)
+            loss = torch.nn.functional.cross_entropy(first, self.labels)
             loss = loss + torch.nn.functional.cross_entropy(second, self.labels)
             loss = loss / 2 + consistency_loss(first, second, "classification")
         loss.backward()

@@ -8,7 +8,8 @@ from torch import nn
 
 from adamix_zoo import AdaMixConfig, AdaMixModel
 from adamix_zoo.methods import MixtureOfLoRA
-from adamix_zoo.routing import Router
+from adamix_zoo.consistency import two_routed_passes
+from adamix_zoo.routing import Router, routed_groups
 from tests.tiny import tiny_batch, tiny_model
 
 K = 4
@@ -80,3 +81,44 @@ def test_training_passes_vary_and_eval_is_deterministic():
     assert not torch.allclose(outs[0], outs[1]) or not torch.allclose(outs[1], outs[2])
     model.eval()
     assert torch.equal(model(**batch).logits, model(**batch).logits)
+
+
+def test_routed_groups_route_each_half_independently():
+    layer = _tagged_layer(Router(seed=3)).train()
+    x = torch.ones(2, 1)  # the same input twice: one row per routing group
+    n = 2000
+    with routed_groups(layer, 2), torch.no_grad():
+        rows = [[_decode(v) for v in layer(x).flatten().tolist()] for _ in range(n)]
+    for g in range(2):
+        counts = Counter(r[g][0] for r in rows)
+        assert all(abs(counts[k] / n - 1 / K) < 0.04 for k in range(K))
+    same = sum(r[0] == r[1] for r in rows) / n
+    assert abs(same - 1 / K**2) < 0.03  # independent draws coincide 1 time in 16
+    assert layer.router.groups == 1  # restored on exit
+    with routed_groups(layer, 2), pytest.raises(ValueError, match="3 rows cannot be split into 2"):
+        layer(torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_doubled_batch_equals_two_separate_passes(kind):
+    """With one expert (no randomness) the grouped doubled batch is exactly two plain passes."""
+    model = AdaMixModel(tiny_model("bert"), AdaMixConfig(kind=kind, num_experts=1))
+    with torch.no_grad():
+        for p in model.adapter_state_dict().values():
+            p.normal_(0, 0.1)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.train()
+    batch = tiny_batch()
+    first, second = two_routed_passes(model, lambda b: model(**b), batch)
+    single = model(**batch).logits
+    torch.testing.assert_close(first, single)
+    torch.testing.assert_close(second, single)
+
+
+def test_groups_are_ignored_outside_training():
+    layer = _tagged_layer(Router(seed=0)).eval()
+    with routed_groups(layer, 2), torch.no_grad():
+        out = layer(torch.ones(3, 1))  # eval: merged routing, no split needed
+    assert torch.allclose(out, torch.full((3, 1), 2.5 * 1111 / 4))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from adamix_zoo.consistency import token_masked_kl
+from adamix_zoo.consistency import token_masked_kl, two_routed_passes
 from adamix_zoo.generation.data import IGNORE
 
 
@@ -16,11 +17,13 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], consistency_weight
     batch: input_ids, attention_mask, labels (batch, seq), labels IGNORE on prompt and padding.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    first = model(**inputs, labels=batch["labels"])
     if consistency_weight <= 0:
-        return first.loss
-    second = model(**inputs, labels=batch["labels"])
-    # logits at position t predict token t + 1: compare them where token t + 1 is a target
-    mask = batch["labels"][:, 1:] != IGNORE
-    consistency = token_masked_kl(first.logits[:, :-1], second.logits[:, :-1], mask)
-    return 0.5 * (first.loss + second.loss) + consistency_weight * consistency
+        return model(**inputs, labels=batch["labels"]).loss
+    first, second = two_routed_passes(model, lambda b: model(**b), inputs)  # (batch, seq, vocab) each
+    # logits at position t predict token t + 1: the loss and the KL count target positions only
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    ce = sum(F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+             for lg in (first, second))
+    consistency = token_masked_kl(first[:, :-1], second[:, :-1], mask)
+    return 0.5 * ce + consistency_weight * consistency

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adamix_zoo.methods.lora import linear_dims
-from adamix_zoo.routing import Router, select
+from adamix_zoo.routing import Router, grouped_delta, select
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
@@ -48,13 +48,17 @@ class MixtureOfAdapters(nn.Module):
         self.adamix_up_bias = nn.Parameter(weight.new_zeros(k_up, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.base_layer(x)  # (..., d)
+        h = self.base_layer(x)  # (batch, ..., d)
+        return h + grouped_delta(h, self.router, self.training, self._delta)
+
+    def _delta(self, h: torch.Tensor) -> torch.Tensor:
+        """One routed pass of the bottleneck: U act(D h + b_D) + b_U."""
         down = self.router.choose(len(self.adamix_down_weight), self.training)
         up = self.router.choose(len(self.adamix_up_weight), self.training)
         z = F.linear(
             self.dropout(h), select(self.adamix_down_weight, down), select(self.adamix_down_bias, down)
         )
-        return h + F.linear(self.act(z), select(self.adamix_up_weight, up), select(self.adamix_up_bias, up))
+        return F.linear(self.act(z), select(self.adamix_up_weight, up), select(self.adamix_up_bias, up))
 
     @torch.no_grad()
     def merge_experts(self) -> None:

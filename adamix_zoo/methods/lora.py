@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adamix_zoo.routing import Router, select
+from adamix_zoo.routing import Router, grouped_delta, select
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
@@ -59,10 +59,13 @@ class MixtureOfLoRA(nn.Module):
         out = self.base_layer(x)
         if self.folded:
             return out
+        return out + grouped_delta(x, self.router, self.training, self._delta)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        """One routed pass of the experts: x (batch, ..., d_in) -> (batch, ..., d_out)."""
         a = select(self.adamix_lora_A, self.router.choose(len(self.adamix_lora_A), self.training))
         b = select(self.adamix_lora_B, self.router.choose(len(self.adamix_lora_B), self.training))
-        # x: (..., d_in) -> (..., r) -> (..., d_out)
-        return out + F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scale
+        return F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scale
 
     @torch.no_grad()
     def merge_experts(self) -> None:
