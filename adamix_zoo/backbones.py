@@ -94,12 +94,16 @@ def convert_gguf(directory: Path, gguf_file: str, target: Path) -> Path:
 def fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the frozen backbone's parameter names, shapes, dtypes and values.
 
-    Works on a bare backbone and on one with AdaMix injected (``base_layer`` wrappers and ``adamix_*``
-    tensors are ignored), so adapters can check they are attached to the weights they were trained on.
+    Works on a bare backbone, on one with AdaMix injected (``base_layer`` wrappers and ``adamix_*``
+    tensors are ignored) and on the ``AdaMixModel`` wrapper itself, so adapters can check they are attached to the weights they were trained on.
     A folded LoRA changes the weights and so the fingerprint: fold only after attaching.
     """
     import hashlib
 
+    from adamix_zoo.model import AdaMixModel
+
+    if isinstance(model, AdaMixModel):  # its parameter names carry a "model." prefix
+        model = model.model
     digest = hashlib.sha256()
     state = {}
     for name, tensor in model.state_dict().items():

@@ -39,9 +39,15 @@ def version() -> None:
     typer.echo(adamix_zoo.__version__)
 
 
+_registered: list[str] = []
+
+
 def _register_commands() -> None:
+    """Add every module's verbs to ``app`` once (tests and ``main`` may both call this)."""
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(app)
+        if name not in _registered:
+            importlib.import_module(name).register(app)
+            _registered.append(name)
 
 
 def main() -> None:

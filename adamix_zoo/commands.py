@@ -24,7 +24,7 @@ def _opt(name: str, *flags: str, **kw: Any) -> Any:
     return typer.Option(f.default, *flags, help=f.metadata["help"], **kw)
 
 
-TRAIN_HELP = """Train one method on one GLUE task and write the output folder.
+TRAIN_HELP = """Train one method on one task (GLUE or data-to-text) and write the output folder.
 
 Writes run_config.json, metrics.jsonl, final_metrics.json, the experts, the head, the merged
 adapter (merged/), curve.png, and with --analyze-experts the single-vs-merged analysis.
@@ -38,6 +38,11 @@ Examples:
     adamix-zoo train --task rte --method adamix-adapter --few-shot 16 --analyze-experts
 
     torchrun --nproc_per_node 2 -m adamix_zoo train --task mrpc --method adamix-lora
+
+    adamix-zoo train --task e2e --method adamix-lora --data-dir ../shared/data --train-subset 2000 --max-steps 300
+
+Data-to-text tasks (e2e, webnlg, dart) run the generation recipe on a causal LM (default backbone
+smollm2-135m, LoRA on q and v) and score greedy outputs with BLEU, ROUGE-L and NIST.
 """
 
 EVAL_HELP = """Evaluate a training output folder on its task's validation split.
@@ -89,9 +94,13 @@ def train_command(
     analysis_samples: int = _opt("analysis_samples"),
     progress: bool = _opt("progress"),
 ) -> None:
+    from adamix_zoo.generation.tasks import NLG_TASKS
     from adamix_zoo.training import train
 
     values = {k: v for k, v in locals().items() if k in _FIELDS}
+    if task in NLG_TASKS:
+        _train_generation(values)
+        return
     try:
         args = TrainArgs(**values)
     except ValueError as err:
@@ -105,6 +114,33 @@ def train_command(
     if result.analysis:
         summary["merged_minus_median_expert"] = result.analysis["merged_minus_median"]
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _train_generation(values: dict[str, Any]) -> None:
+    """``train --task e2e|webnlg|dart``: the data-to-text recipe, with the shared options mapped."""
+    from adamix_zoo.generation.recipe import GenerationArgs, run_generation
+
+    v = values
+    nonzero = {"train_size": v["train_subset"], "eval_size": v["validation_subset"], "steps": v["max_steps"],
+               "lr": v["lr"]}
+    try:
+        args = GenerationArgs(
+            task=v["task"], method=v["method"], seed=v["seed"], data_dir=v["data_dir"],
+            backbone="smollm2-135m" if v["backbone"] == _FIELDS["backbone"].default else v["backbone"],
+            output_dir=v["output_dir"] or f"runs/{v['task']}-{v['method']}-s{v['seed']}",
+            num_experts=v["num_experts"], rank=v["rank"], alpha=v["alpha"], bottleneck=v["bottleneck"],
+            sharing=v["sharing"], consistency_weight=v["consistency_weight"], max_length=v["max_length"],
+            batch_size=v["batch_size"], warmup_ratio=v["warmup_ratio"], weight_decay=v["weight_decay"],
+            max_grad_norm=v["max_grad_norm"], **{k: x for k, x in nonzero.items() if x},
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    try:
+        final = run_generation(args)
+    except (ValueError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(json.dumps({"output_dir": args.output_dir, **final}, indent=2))
 
 
 _RUN_DIR = typer.Argument(..., help="A folder written by `adamix-zoo train`.")

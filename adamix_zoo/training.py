@@ -58,7 +58,7 @@ def _help(text: str, default: Any = None, **kw: Any) -> Any:
 class TrainArgs:
     """Everything one training run needs; validated on construction."""
 
-    task: str = _help("GLUE task: sst2, rte, mrpc, stsb, qnli, wnli, cola, mnli, qqp.", "sst2")
+    task: str = _help("GLUE task (sst2, rte, mrpc, stsb, qnli, wnli, cola, mnli, qqp) or data-to-text (e2e, webnlg, dart).", "sst2")
     method: str = _help("full, lora, adapter, adamix-lora or adamix-adapter.", "adamix-lora")
     backbone: str = _help("Backbone alias (minilm-l6), hub id or local folder.", "minilm-l6")
     data_dir: str | None = _help("Local folder of tasks in the hub schema; None reads nyu-mll/glue.")

@@ -9,7 +9,9 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, MessageType
+from transformers import AutoModel
 
+from adamix_zoo.backbones import fingerprint
 from adamix_zoo.io import EXPERTS_FILE, read_safetensors
 from federation.client_app import LOCAL_HEAD, app
 from federation.config import FederationConfig
@@ -92,6 +94,8 @@ def test_single_task_federation(tiny_env):
     # The run folder follows the training contract; published with the federation's provenance.
     run = json.loads((outcome.folder / "run_config.json").read_text())
     assert run["task"] == "sst2" and run["method"] == "adamix-lora"
+    bare = AutoModel.from_pretrained(tiny_env / "backbone")  # what serving and attach compare with
+    assert run["backbone_fingerprint"] == fingerprint(bare)
     assert run["federation"] | {} == run["federation"] and run["federation"]["rounds"] == 2
     assert run["federation"]["clients"] == 3 and run["federation"]["strategy"] == "fedavg"
     metrics = json.loads((outcome.folder / "final_metrics.json").read_text())

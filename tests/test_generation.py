@@ -139,3 +139,22 @@ def test_tasks_linearise_and_group_references():
         get_nlg_task("xsum")
     with pytest.raises(ValueError, match="method='prefix'"):
         GenerationArgs(method="prefix")
+
+
+def test_cli_train_dispatches_data_to_text_tasks(tmp_path, monkeypatch):
+    """`adamix-zoo train --task e2e` runs the generation recipe with the shared options mapped."""
+    from typer.testing import CliRunner
+
+    import adamix_zoo.generation.recipe as recipe
+    from adamix_zoo.cli import _register_commands, app
+
+    seen = {}
+    monkeypatch.setattr(recipe, "run_generation", lambda args: seen.setdefault("args", args) and {"bleu": 1.0})
+    _register_commands()
+    result = CliRunner().invoke(app, ["train", "--task", "e2e", "--method", "lora", "--max-steps", "7",
+                                      "--train-subset", "50", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    args = seen["args"]
+    assert (args.task, args.method, args.steps, args.train_size, args.backbone) == ("e2e", "lora", 7, 50, "smollm2-135m")
+    bad = CliRunner().invoke(app, ["train", "--task", "e2e", "--method", "full"])
+    assert bad.exit_code != 0 and "method='full'" in bad.output

@@ -104,6 +104,7 @@ def test_fingerprint_ignores_injection_but_not_weights():
     before = fingerprint(bare)
     wrapped = AdaMixModel(bare, AdaMixConfig())
     assert fingerprint(wrapped.model) == before
+    assert fingerprint(wrapped) == before  # the wrapper itself, as federation passes it
     assert fingerprint(tiny_model("bert", head="base", seed=1)) != before
     with torch.no_grad():
         for m in wrapped.mixtures().values():
