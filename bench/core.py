@@ -187,6 +187,10 @@ def report(results: dict) -> None:
         f"{s['infer_ours_merged']:.3f}, PEFT {s['infer_peer']:.3f}, folded {s['infer_ours_folded']:.3f}, "
         f"bare backbone {s['infer_backbone']:.3f}.",
         "",
+        "The consistency step is two routed passes over the whole network (two forwards, two "
+        "backwards) against PEFT's one, so 2.0 is its floor before any overhead; it runs as one "
+        "doubled batch with independently routed halves (`two_routed_passes`, the recipe's path).",
+        "",
         f"Command: `{COMMAND}` (results in `bench/results/core.json`).",
     ]))
 

@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [r for (t, m, s), r in done.items() if t in tasks and s in seeds]
     summary = summarize(runs, tasks)
     command = "python bench/fidelity.py" + (" --quick" if opts.quick else "")
+    command += f" --tasks {' '.join(opts.tasks)}" if opts.tasks else ""
+    command += f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds else ""
     results = summary | {"protocol": protocol, "protocol_id": pid, "lr": LR, "tasks": list(tasks),
                          "seeds": list(seeds), "runs": len(runs), "machine": machine(),
                          "mean_run_wall_s": _mean([r["wall_s"] for r in runs]), "command": command}

@@ -31,8 +31,8 @@ SEEDS = (0, 1)
 # instead of the paper's 8, and a training budget sized so that one run fits a 2-core CPU.
 PROTOCOL: dict[str, Any] = {
     "task": "e2e", "backbone": "smollm2-135m", "rank": 4, "alpha": 32.0, "num_experts": 4,
-    "sharing": "up", "consistency_weight": 1.0, "train_size": 480, "eval_size": 40,
-    "max_length": 64, "batch_size": 8, "steps": 30, "lr": 2e-3, "max_new_tokens": 40, "num_beams": 1,
+    "sharing": "up", "consistency_weight": 1.0, "train_size": 320, "eval_size": 30,
+    "max_length": 64, "batch_size": 8, "steps": 20, "lr": 2e-3, "max_new_tokens": 40, "num_beams": 1,
 }
 QUICK = {"train_size": 32, "eval_size": 4, "steps": 3, "max_new_tokens": 16}
 RUNS = RESULTS / "generation_runs.jsonl"

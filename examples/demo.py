@@ -1,5 +1,5 @@
-"""`make demo`: the whole job on the packaged all-MiniLM-L6-v2 and the local GLUE data, a few
-minutes on 2 CPU cores.
+"""`make demo`: the whole job on the packaged all-MiniLM-L6-v2 and the local GLUE data, about ten
+minutes on 2 CPU cores (most of it the Flower simulation, whose clients run one at a time).
 
     1. train     AdaMix-LoRA on SST-2 (4 experts, stochastic routing, consistency loss, merged at
                  eval): dev accuracy against the same model before training
@@ -92,9 +92,9 @@ def federate() -> list[str]:
     """The same job through Flower, as a user runs it: `adamix-zoo federate` (it prints metrics)."""
     command = [
         sys.executable, "-m", "adamix_zoo", "federate", "--tasks", "sst2,rte", "--clients", "4",
-        "--rounds", "3", "--local-steps", "20", "--data-dir", str(DATA_DIR),
+        "--rounds", "2", "--local-steps", "15", "--data-dir", str(DATA_DIR),
         "--output-dir", str(FEDERATION_DIR), "--registry-dir", str(ZOO),
-        "--run-config", "train-limit=2000 eval-limit=300 max-length=64",
+        "--run-config", "train-limit=2000 eval-limit=200 max-length=64",
     ]
     print("\n== federated AdaMix-LoRA with Flower: " + " ".join(command[2:]))
     subprocess.run(command, check=True)
