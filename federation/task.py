@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from adamix_zoo import data
+from adamix_zoo import data, evaluation
 from adamix_zoo.backbones import resolve_backbone
 from adamix_zoo.heads import TaskModel
-from adamix_zoo.metrics import compute_metrics
 from adamix_zoo.tasks import TaskSpec, get_task
-from adamix_zoo.training import build_task_model, make_optimizer, task_loss, train_steps
+from adamix_zoo.training import build_task_model, make_optimizer, train_steps
 from federation.config import FederationConfig
 from federation.records import HEAD_PREFIX
 
@@ -188,10 +187,6 @@ def batches(
 
 
 # -- training and evaluation --------------------------------------------------------------------
-def _forward(model: TaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**{k: v for k, v in batch.items() if k != "labels"})  # (batch, num_labels)
-
-
 def train_round(
     model: TaskModel, cfg: FederationConfig, spec: TaskSpec, data: Iterator[dict[str, torch.Tensor]]
 ) -> dict[str, float]:
@@ -215,7 +210,6 @@ def train_round(
     }
 
 
-@torch.no_grad()
 def evaluate(
     cfg: FederationConfig, spec: TaskSpec, model: TaskModel, examples: list[dict[str, Any]]
 ) -> dict[str, float]:
@@ -226,14 +220,7 @@ def evaluate(
     """
     if not examples:
         raise ValueError(f"{spec.name}: nothing to evaluate on")
-    model.eval()
     size = max(cfg.batch_size, 32)
-    logits, labels, loss = [], [], 0.0
-    for start in range(0, len(examples), size):
-        batch = collate(cfg, spec, examples[start : start + size])
-        out = _forward(model, batch)
-        loss += float(task_loss(out, batch["labels"], spec.problem)) * len(batch["labels"])
-        logits.append(out.float().cpu().numpy())
-        labels.append(batch["labels"].cpu().numpy())
-    scores = compute_metrics(spec, np.concatenate(logits), np.concatenate(labels))
-    return {"eval-loss": loss / len(examples), **{k: float(v) for k, v in scores.items()}}
+    loader = (collate(cfg, spec, examples[s : s + size]) for s in range(0, len(examples), size))
+    scores = evaluation.evaluate(model, loader, spec, device())
+    return {"eval-loss": scores.pop("loss"), **{k: float(v) for k, v in scores.items()}}
