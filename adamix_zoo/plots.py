@@ -11,18 +11,26 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt
 
 
-def plot_curve(history: list[dict[str, Any]], path: str | Path, main_metric: str, title: str = "") -> Path:
-    """Train loss and dev ``main_metric`` against the step, side by side.
+def plot_curve(
+    history: list[dict[str, Any]], path: str | Path, main_metric: str | None, title: str = ""
+) -> Path:
+    """Train loss, and beside it dev ``main_metric``, against the step.
 
     Args:
-        history: records with "step", "loss" and "metrics" (as in metrics.jsonl).
+        history: records with "step", "loss" and, when ``main_metric`` is given, "metrics"
+            (as in metrics.jsonl). ``main_metric`` None draws the loss alone (runs scored only at
+            the end, such as the generation recipe).
     """
     steps = [r["step"] for r in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 2 if main_metric else 1, figsize=(9 if main_metric else 6, 3.5),
+                             squeeze=False)
+    left = axes[0][0]
     left.plot(steps, [r["loss"] for r in history], marker="o")
-    left.set(xlabel="step", ylabel="train loss (mean since last eval)")
-    right.plot(steps, [r["metrics"][main_metric] for r in history], marker="o", color="tab:green")
-    right.set(xlabel="step", ylabel=f"dev {main_metric}")
+    left.set(xlabel="step", ylabel="train loss" + (" (mean since last eval)" if main_metric else ""))
+    if main_metric:
+        right = axes[0][1]
+        right.plot(steps, [r["metrics"][main_metric] for r in history], marker="o", color="tab:green")
+        right.set(xlabel="step", ylabel=f"dev {main_metric}")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -158,3 +158,33 @@ def test_cli_train_dispatches_data_to_text_tasks(tmp_path, monkeypatch):
     assert (args.task, args.method, args.steps, args.train_size, args.backbone) == ("e2e", "lora", 7, 50, "smollm2-135m")
     bad = CliRunner().invoke(app, ["train", "--task", "e2e", "--method", "full"])
     assert bad.exit_code != 0 and "method='full'" in bad.output
+
+
+def test_recipe_writes_the_run_folder(tmp_path):
+    """The data-to-text recipe end to end on a tiny saved Llama and two tiny E2E splits."""
+    import json
+
+    from adamix_zoo.generation.recipe import run_generation
+
+    rows = [{"meaning_representation": f"name[{n}], food[{f}]", "human_reference": f"{n} serves {f}"}
+            for n in NAMES for f in FOODS]
+    for split in ("train", "validation"):
+        (tmp_path / "data" / "e2e").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "e2e" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    source_words = [w for r in rows for w in r["meaning_representation"].split()]
+    tokenizer = tiny_tokenizer(["Data:", "Text:", "serves"] + NAMES + FOODS + source_words)
+    model = tiny_model("llama", head="lm")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    final = run_generation(GenerationArgs(
+        task="e2e", method="adamix-lora", backbone=str(tmp_path / "model"), data_dir=str(tmp_path / "data"),
+        output_dir=str(out), train_size=16, eval_size=4, steps=3, batch_size=4, max_new_tokens=4))
+    assert final["main_metric"] == "bleu" and 0.0 <= final["bleu"] <= 100.0
+    assert {"run_config.json", "metrics.jsonl", "final_metrics.json", "adamix_experts.safetensors",
+            "generations.jsonl", "curve.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "merged" / "adapter_model.safetensors").exists()
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["problem"] == "lm" and run["adamix"]["num_experts"] == 4
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 4

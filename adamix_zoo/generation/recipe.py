@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -30,6 +28,16 @@ from adamix_zoo.generation.objective import lm_loss
 from adamix_zoo.generation.tasks import get_nlg_task
 from adamix_zoo.io import EXPERTS_FILE, save_experts, save_merged
 from adamix_zoo.model import AdaMixModel
+from adamix_zoo.plots import plot_curve
+from adamix_zoo.training import (
+    CURVE_FILE,
+    FINAL_METRICS_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    select_device,
+    seed_everything,
+)
 
 METHODS = {  # method -> (kind, mixture?)
     "lora": ("lora", False),
@@ -84,12 +92,6 @@ class GenerationArgs:
         )
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def load_backbone(name: str, device: torch.device):
     path = resolve_backbone(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -127,7 +129,7 @@ def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, devic
 def run_generation(args: GenerationArgs) -> dict:
     """Train, evaluate by generation and save; returns the final metrics."""
     seed_everything(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device()
     task = get_nlg_task(args.task)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,7 @@ def run_generation(args: GenerationArgs) -> dict:
                         collate_fn=lambda f: collate_lm(f, tokenizer.pad_token_id))
     examples = grouped_examples(task, load_split(task, "validation", args.data_dir), limit=args.eval_size)
 
-    metrics_log = (out / "metrics.jsonl").open("w")
+    metrics_log = (out / METRICS_FILE).open("w")
     start = time.perf_counter()
     records = train_lm(model, loader, args, device, lambda r: metrics_log.write(json.dumps(r) + "\n"))
     train_seconds = time.perf_counter() - start
@@ -158,7 +160,7 @@ def run_generation(args: GenerationArgs) -> dict:
         for e, o in zip(examples, outputs):
             f.write(json.dumps({"source": e.source, "output": o, "references": list(e.references)}) + "\n")
     save_experts(model, out / EXPERTS_FILE)
-    save_merged(model, out / "merged", base_model=args.backbone)
+    save_merged(model, out / MERGED_DIR, base_model=args.backbone)
     run_config = {
         "task": args.task, "method": args.method, "backbone": args.backbone, "backbone_path": path,
         "backbone_fingerprint": base_fingerprint, "problem": "lm", "label_names": [],
@@ -166,22 +168,7 @@ def run_generation(args: GenerationArgs) -> dict:
         "data": {"source": args.data_dir or task.hub_id, "train_size": len(pairs),
                  "validation_size": len(examples), "few_shot": None},
     }
-    (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-    _plot_curve(records, out / "curve.png")
+    (out / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
+    (out / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=2))
+    plot_curve(records, out / CURVE_FILE, None, title=f"{args.method} {args.task}")
     return final
-
-
-def _plot_curve(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
