@@ -144,7 +144,7 @@ def load_run(run_dir: str | Path, merged: bool = False, check_fingerprint: bool 
     from adamix_zoo.config import AdaMixConfig
     from adamix_zoo.heads import TaskModel, load_head
     from adamix_zoo.io import EXPERTS_FILE, HEAD_FILE, load_experts, load_merged
-    from adamix_zoo.training import FULL_MODEL_FILE, MERGED_DIR, RUN_CONFIG_FILE
+    from adamix_zoo.io import FULL_MODEL_FILE, MERGED_DIR, RUN_CONFIG_FILE
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG_FILE).is_file():
@@ -207,7 +207,8 @@ def analyze_run(
     from adamix_zoo.backbones import resolve_backbone
     from adamix_zoo.data import eval_loader, load_validation
     from adamix_zoo.plots import plot_expert_spread
-    from adamix_zoo.training import ANALYSIS_FILE, SPREAD_FILE, select_device
+    from adamix_zoo.io import ANALYSIS_FILE, SPREAD_FILE
+    from adamix_zoo.training import select_device
 
     model, config = load_run(run_dir)
     task, train_args = get_task(config["task"]), config["train"]

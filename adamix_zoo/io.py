@@ -31,17 +31,28 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 HEAD_FILE = "head.safetensors"
 METADATA_FILE = "adamix.json"
 MODEL_CARD_FILE = "README.md"
+# A run folder (training, federation): what the registry publishes from.
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_METRICS_FILE = "final_metrics.json"
+FULL_MODEL_FILE = "full_model.safetensors"
+MERGED_DIR = "merged"
+CURVE_FILE = "curve.png"
+SPREAD_FILE = "experts_spread.png"
+ANALYSIS_FILE = "experts_analysis.json"
 FORMAT_VERSION = "1"
 PEFT_PREFIX = "base_model.model."
 ADAPTER_PEFT_TYPE = "ADAMIX_ADAPTER"
 
-# adamix parameter suffix -> key suffix in the merged file
-_LORA_KEYS = {"adamix_lora_A": "lora_A.weight", "adamix_lora_B": "lora_B.weight"}
-_ADAPTER_KEYS = {
-    "adamix_down_weight": "adapter_down.weight",
-    "adamix_down_bias": "adapter_down.bias",
-    "adamix_up_weight": "adapter_up.weight",
-    "adamix_up_bias": "adapter_up.bias",
+# adamix parameter suffix -> key suffix in the merged file, per adapter kind
+MERGED_KEYS: dict[str, dict[str, str]] = {
+    "lora": {"adamix_lora_A": "lora_A.weight", "adamix_lora_B": "lora_B.weight"},
+    "adapter": {
+        "adamix_down_weight": "adapter_down.weight",
+        "adamix_down_bias": "adapter_down.bias",
+        "adamix_up_weight": "adapter_up.weight",
+        "adamix_up_bias": "adapter_up.bias",
+    },
 }
 
 
@@ -96,7 +107,7 @@ def load_experts(model: AdaMixModel, path: str | os.PathLike) -> None:
 # -- merged adapters --------------------------------------------------------------------------------
 def merged_tensors(model: AdaMixModel) -> dict[str, torch.Tensor]:
     """The merged adapter and heads under their file keys; does not modify the model."""
-    renames = _LORA_KEYS if model.config.kind == "lora" else _ADAPTER_KEYS
+    renames = MERGED_KEYS[model.config.kind]
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.adapter_state_dict().items():
         module, _, param = name.rpartition(".")
@@ -182,7 +193,7 @@ def load_merged(model: torch.nn.Module, directory: str | os.PathLike) -> AdaMixM
     config = read_adapter_config(directory)
     heads = config.get("modules_to_save") or []
     wrapped = AdaMixModel(model, config_from_adapter_config(config), head_modules=heads)
-    renames = _LORA_KEYS if config["peft_type"] == "LORA" else _ADAPTER_KEYS
+    renames = MERGED_KEYS["lora" if config["peft_type"] == "LORA" else "adapter"]
     stored = read_safetensors(Path(directory) / ADAPTER_WEIGHTS_FILE)
     own = merged_tensors(wrapped)
     check_compatible(own, stored)

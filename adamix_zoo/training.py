@@ -32,7 +32,21 @@ from torch import nn
 from adamix_zoo.config import SHARING, AdaMixConfig
 from adamix_zoo.consistency import consistency_loss, two_routed_passes
 from adamix_zoo.data import Loaders, make_loaders
-from adamix_zoo.heads import POOLINGS, ClassificationHead, TaskModel
+from adamix_zoo.heads import POOLINGS, ClassificationHead, TaskModel, save_head
+from adamix_zoo.io import (
+    ANALYSIS_FILE,
+    CURVE_FILE,
+    EXPERTS_FILE,
+    FINAL_METRICS_FILE,
+    FULL_MODEL_FILE,
+    HEAD_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    SPREAD_FILE,
+    save_experts,
+    save_merged,
+)
 from adamix_zoo.model import AdaMixModel
 from adamix_zoo.tasks import TaskSpec, get_task
 
@@ -40,14 +54,6 @@ METHODS = ("full", "lora", "adapter", "adamix-lora", "adamix-adapter")
 # Learning rates that work for all-MiniLM-L6-v2 on GLUE with a few hundred steps (see the
 # fidelity benchmark): adapters and LoRA need ~1e-3, full fine-tuning ~5e-5.
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "adapter": 1e-3, "adamix-lora": 1e-3, "adamix-adapter": 1e-3}
-RUN_CONFIG_FILE = "run_config.json"
-METRICS_FILE = "metrics.jsonl"
-FINAL_METRICS_FILE = "final_metrics.json"
-FULL_MODEL_FILE = "full_model.safetensors"
-MERGED_DIR = "merged"
-CURVE_FILE = "curve.png"
-SPREAD_FILE = "experts_spread.png"
-ANALYSIS_FILE = "experts_analysis.json"
 
 
 def _help(text: str, default: Any = None, **kw: Any) -> Any:
@@ -559,9 +565,6 @@ def run_config(setup: RunSetup) -> dict[str, Any]:
 def save_weights(setup: RunSetup, out: Path) -> None:
     """Experts + head + merged adapter for AdaMix methods; the whole model for ``full``."""
     from safetensors.torch import save_file
-
-    from adamix_zoo.heads import save_head
-    from adamix_zoo.io import EXPERTS_FILE, HEAD_FILE, save_experts, save_merged
 
     model = setup.model
     save_head(model.head, out / HEAD_FILE)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adamix_zoo.io import FINAL_METRICS_FILE  # noqa: E402
 from bench.report import machine, markdown_table, write_json, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation.py"
@@ -89,7 +90,7 @@ def federated(s: dict, out: Path, seed: int) -> tuple[dict, float]:
     start = time.perf_counter()
     with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
         fed.run(run_config, timeout=3600)
-    return json.loads((out / "final_metrics.json").read_text()), time.perf_counter() - start
+    return json.loads((out / FINAL_METRICS_FILE).read_text()), time.perf_counter() - start
 
 
 def centralized(s: dict, out: Path, seed: int) -> tuple[dict, float]:

@@ -61,6 +61,7 @@ def federate(
 
     from flwr.common.config import parse_config_args
 
+    from adamix_zoo.io import FINAL_METRICS_FILE
     from federation.config import FederationConfig
     from federation.runtime import LocalFederation, RuntimeFailure
     from registry import default_home
@@ -115,7 +116,7 @@ def federate(
     done = json.loads(result.read_text())
     typer.secho(f"global adapter written to {cfg.output_path()}", fg=typer.colors.GREEN)
     for task, folder in done["task_folders"].items():
-        metrics = json.loads((Path(folder) / "final_metrics.json").read_text())
+        metrics = json.loads((Path(folder) / FINAL_METRICS_FILE).read_text())
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         typer.echo(f"{task} dev metrics (global model): {shown}")
     for ref in done["published"]:

@@ -20,9 +20,16 @@ from typing import Any
 
 from adamix_zoo.backbones import fingerprint, resolve_backbone
 from adamix_zoo.heads import TaskModel, load_head, save_head
-from adamix_zoo.io import EXPERTS_FILE, HEAD_FILE, save_experts, save_merged
+from adamix_zoo.io import (
+    EXPERTS_FILE,
+    FINAL_METRICS_FILE,
+    HEAD_FILE,
+    MERGED_DIR,
+    RUN_CONFIG_FILE,
+    save_experts,
+    save_merged,
+)
 from adamix_zoo.tasks import TaskSpec
-from adamix_zoo.training import FINAL_METRICS_FILE, MERGED_DIR, RUN_CONFIG_FILE
 from federation.config import FederationConfig
 
 CLIENT_HEADS_DIR = "client_heads"

@@ -20,8 +20,12 @@ from adamix_zoo.io import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     EXPERTS_FILE,
+    FINAL_METRICS_FILE,
     HEAD_FILE,
+    MERGED_DIR,
+    MERGED_KEYS,
     PEFT_PREFIX,
+    RUN_CONFIG_FILE,
     read_adapter_config,
     read_experts_config,
     read_safetensors,
@@ -29,13 +33,10 @@ from adamix_zoo.io import (
 
 from registry.metadata import FORMAT_VERSION
 
-RUN_CONFIG = "run_config.json"
-FINAL_METRICS = "final_metrics.json"
-MERGED_DIR = "merged"
 RUN_REQUIRED = ("task", "backbone", "backbone_fingerprint", "problem", "label_names", "adamix")
 HEADS_DIR = "heads"
-LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight")
-ADAPTER_SUFFIXES = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+LORA_SUFFIXES = tuple(MERGED_KEYS["lora"].values())
+ADAPTER_SUFFIXES = tuple(MERGED_KEYS["adapter"].values())
 
 
 def _read_json(path: Path) -> Any:
@@ -54,14 +55,14 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"training output folder {run_dir} does not exist")
-    run = _read_json(run_dir / RUN_CONFIG)
+    run = _read_json(run_dir / RUN_CONFIG_FILE)
     missing = [k for k in RUN_REQUIRED if k not in run] if isinstance(run, dict) else list(RUN_REQUIRED)
     if missing:
-        raise ValueError(f"{run_dir / RUN_CONFIG}: missing field(s) {', '.join(missing)}")
+        raise ValueError(f"{run_dir / RUN_CONFIG_FILE}: missing field(s) {', '.join(missing)}")
     if run["adamix"] is None:
         raise ValueError(f"{run_dir} is a full fine-tuning run: it has no adapter to publish")
     run["adamix_config"] = AdaMixConfig.from_dict(run["adamix"])
-    metrics_path = run_dir / FINAL_METRICS
+    metrics_path = run_dir / FINAL_METRICS_FILE
     run["final_metrics"] = _read_json(metrics_path) if metrics_path.exists() else {}
     return run
 
@@ -125,9 +126,7 @@ def check_experts(path: Path, merged: dict[str, Any], kind: str) -> None:
     config = read_experts_config(path)
     if config.kind != kind:
         raise ValueError(f"{path}: experts of kind {config.kind!r} next to a merged {kind!r} adapter")
-    renames = {"adamix_lora_A": "lora_A.weight", "adamix_lora_B": "lora_B.weight",
-               "adamix_down_weight": "adapter_down.weight", "adamix_down_bias": "adapter_down.bias",
-               "adamix_up_weight": "adapter_up.weight", "adamix_up_bias": "adapter_up.bias"}
+    renames = MERGED_KEYS[kind]
     for name, tensor in read_safetensors(path).items():
         module, _, param = name.rpartition(".")
         if param not in renames:

@@ -26,18 +26,19 @@ from adamix_zoo.generation.generate import generate_examples
 from adamix_zoo.generation.metrics import nlg_metrics
 from adamix_zoo.generation.objective import lm_loss
 from adamix_zoo.generation.tasks import get_nlg_task
-from adamix_zoo.io import EXPERTS_FILE, save_experts, save_merged
-from adamix_zoo.model import AdaMixModel
-from adamix_zoo.plots import plot_curve
-from adamix_zoo.training import (
+from adamix_zoo.io import (
     CURVE_FILE,
+    EXPERTS_FILE,
     FINAL_METRICS_FILE,
     MERGED_DIR,
     METRICS_FILE,
     RUN_CONFIG_FILE,
-    select_device,
-    seed_everything,
+    save_experts,
+    save_merged,
 )
+from adamix_zoo.model import AdaMixModel
+from adamix_zoo.plots import plot_curve
+from adamix_zoo.training import select_device, seed_everything
 
 METHODS = {  # method -> (kind, mixture?)
     "lora": ("lora", False),
