@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from adamix_zoo.model import AdaMixModel
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,6 @@ def fingerprint(model: torch.nn.Module) -> str:
     tensors are ignored) and on the ``AdaMixModel`` wrapper itself, so adapters can check they are attached to the weights they were trained on.
     A folded LoRA changes the weights and so the fingerprint: fold only after attaching.
     """
-    import hashlib
-
-    from adamix_zoo.model import AdaMixModel
-
     if isinstance(model, AdaMixModel):  # its parameter names carry a "model." prefix
         model = model.model
     digest = hashlib.sha256()

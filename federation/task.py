@@ -19,16 +19,12 @@ from adamix_zoo import data, evaluation
 from adamix_zoo.backbones import resolve_backbone
 from adamix_zoo.heads import TaskModel
 from adamix_zoo.tasks import TaskSpec, get_task
-from adamix_zoo.training import build_task_model, make_optimizer, train_steps
+from adamix_zoo.training import build_task_model, make_optimizer, select_device, train_steps
 from federation.config import FederationConfig
 from federation.records import HEAD_PREFIX
 
 if TYPE_CHECKING:
     import datasets
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -47,7 +43,7 @@ def build_model(cfg: FederationConfig, task: str, head_seed: int | None = None) 
     if head_seed is not None:  # re-draw the head alone; the experts keep the shared seed
         torch.manual_seed(head_seed)
         model.head.classifier.reset_parameters()
-    return model.to(device())
+    return model.to(select_device())
 
 
 def experts_of(model: TaskModel) -> dict[str, torch.Tensor]:
@@ -170,7 +166,7 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     pad = tokenizer_for(cfg.backbone).pad_token_id or 0
     batch = data.Collator(pad, spec.problem == "regression")(examples)
-    return {k: v.to(device()) for k, v in batch.items()}
+    return {k: v.to(select_device()) for k, v in batch.items()}
 
 
 def batches(
@@ -200,7 +196,7 @@ def train_round(
     """
     optimizer = make_optimizer(model, cfg.learning_rate)
     start = time.perf_counter()
-    stats = train_steps(model, data, spec, cfg.local_steps, optimizer, device=device())
+    stats = train_steps(model, data, spec, cfg.local_steps, optimizer, device=select_device())
     seconds = time.perf_counter() - start
     model.eval()
     return {
@@ -222,5 +218,5 @@ def evaluate(
         raise ValueError(f"{spec.name}: nothing to evaluate on")
     size = max(cfg.batch_size, 32)
     loader = (collate(cfg, spec, examples[s : s + size]) for s in range(0, len(examples), size))
-    scores = evaluation.evaluate(model, loader, spec, device())
+    scores = evaluation.evaluate(model, loader, spec, select_device())
     return {"eval-loss": scores.pop("loss"), **{k: float(v) for k, v in scores.items()}}
