@@ -1,7 +1,8 @@
 """Build an entry's payload from a training output folder, and validate payloads without a backbone.
 
 A training run writes ``run_config.json``, ``final_metrics.json``, ``head.safetensors``, optionally
-``adamix_experts.safetensors``, and ``merged/`` (``adamix_zoo.io.save_merged``). Everything copied
+``adamix_experts.safetensors``, and ``merged/`` (``adamix_zoo.io.save_merged``). A generation run
+(``"problem": "lm"``) has no head: the causal LM's output layer answers, through its prompt template. Everything copied
 into an entry is parsed and shape-checked here first, so a corrupt or inconsistent run is refused
 before anything is written to the store.
 """
@@ -138,6 +139,11 @@ def check_experts(path: Path, merged: dict[str, Any], kind: str) -> None:
             )
 
 
+def head_files(tasks: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Task -> head file of an entry's ``tasks`` metadata; generation tasks have none."""
+    return {t: info["head"] for t, info in tasks.items() if info.get("head")}
+
+
 def validate_payload(folder: Path, heads: dict[str, str]) -> dict[str, Any]:
     """Parse and shape-check every tensor file of an entry folder; returns its adapter_config.
 
@@ -162,13 +168,15 @@ def stage_run(run_dir: Path, stage: Path, run: dict[str, Any], task: str, expert
         if not (merged / name).exists():
             raise ValueError(f"{merged / name} is missing: the run has no merged adapter")
         shutil.copyfile(merged / name, stage / name)
-    head = merged / HEAD_FILE if (merged / HEAD_FILE).exists() else run_dir / HEAD_FILE
-    if not head.exists():
-        raise ValueError(f"{run_dir} has no {HEAD_FILE}")
-    shutil.copyfile(head, stage / HEAD_FILE)
+    heads = {} if run["problem"] == "lm" else {task: HEAD_FILE}
+    if heads:
+        head = merged / HEAD_FILE if (merged / HEAD_FILE).exists() else run_dir / HEAD_FILE
+        if not head.exists():
+            raise ValueError(f"{run_dir} has no {HEAD_FILE}")
+        shutil.copyfile(head, stage / HEAD_FILE)
     if experts and (run_dir / EXPERTS_FILE).exists():
         shutil.copyfile(run_dir / EXPERTS_FILE, stage / EXPERTS_FILE)
-    validate_payload(stage, {task: HEAD_FILE})
+    validate_payload(stage, heads)
 
 
 def run_metadata(run: dict[str, Any], task: str, run_dir: Path) -> dict[str, Any]:
@@ -201,8 +209,15 @@ def run_metadata(run: dict[str, Any], task: str, run_dir: Path) -> dict[str, Any
         "merge": {"method": "expert-average", "note": "A=mean_k A_k, B=mean_k B_k (AdaMix merging)"},
         "base_model": {"id": run["backbone"], "path": run.get("backbone_path"),
                        "fingerprint": run["backbone_fingerprint"]},
-        "tasks": {task: {"problem": run["problem"], "label_names": run["label_names"],
-                         "metrics": run["final_metrics"], "head": HEAD_FILE}},
+        "tasks": {task: _task_metadata(run)},
         "provenance": provenance,
         "files": {},
     }
+
+
+def _task_metadata(run: dict[str, Any]) -> dict[str, Any]:
+    """The entry's description of its task: a head for classification, a prompt for generation."""
+    info = {"problem": run["problem"], "label_names": run["label_names"], "metrics": run["final_metrics"]}
+    if run["problem"] == "lm":
+        return dict(info, head=None, prompt_template=run.get("prompt_template"))
+    return dict(info, head=HEAD_FILE)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adamix_zoo.io import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE, read_adapter_config
 
+from registry.entry import head_files
 from registry.store import EntryInfo, Store
 
 
@@ -33,7 +34,7 @@ def export_peft(store: Store, ref: str, destination: str | os.PathLike) -> Path:
     for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, MODEL_CARD_FILE):
         shutil.copyfile(folder / name, out / name)
     meta_tasks = store.show(info.ref)["tasks"]
-    for task in meta_tasks.values():  # heads travel along; PEFT ignores extra files
-        (out / task["head"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / task["head"], out / task["head"])
+    for head in head_files(meta_tasks).values():  # heads travel along; PEFT ignores extra files
+        (out / head).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / head, out / head)
     return out

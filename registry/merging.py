@@ -268,8 +268,9 @@ def merge_entries(
         (stage / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         (stage / HEADS_DIR).mkdir()
         for name, (src_task, info, meta, folder) in tasks.items():
-            head = folder / meta["tasks"][src_task]["head"]
-            shutil.copyfile(head, stage / HEADS_DIR / f"{name}.safetensors")
+            head = meta["tasks"][src_task].get("head")
+            if head:  # generation tasks have none
+                shutil.copyfile(folder / head, stage / HEADS_DIR / f"{name}.safetensors")
         meta = _merged_metadata(config, metas, tasks, options, infos)
         return store.commit(stage, meta, namespace, task, version)
 
@@ -324,7 +325,8 @@ def _merged_metadata(config, metas, tasks, options, infos) -> dict[str, Any]:
         "base_model": first["base_model"],
         "tasks": {
             # metrics of the merged adapter are unknown until evaluated; the source's are kept apart
-            name: dict(meta["tasks"][src], head=f"{HEADS_DIR}/{name}.safetensors", source=info.ref,
+            name: dict(meta["tasks"][src], source=info.ref,
+                       head=f"{HEADS_DIR}/{name}.safetensors" if meta["tasks"][src].get("head") else None,
                        metrics={}, source_metrics=meta["tasks"][src].get("metrics") or {})
             for name, (src, info, meta, _) in tasks.items()
         },

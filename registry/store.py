@@ -233,7 +233,8 @@ class Store:
             task: which head of a multi-task (cross-task merged) entry; optional with one task.
 
         Returns:
-            A ready ``adamix_zoo.heads.TaskModel`` in eval mode.
+            A ready ``adamix_zoo.heads.TaskModel`` in eval mode; for a generation entry (no head;
+            ``backbone`` is then the causal LM) the adapted ``AdaMixModel``.
 
         Raises:
             ValueError: the backbone's fingerprint differs from the entry's base model (the message
@@ -262,7 +263,10 @@ class Store:
         task = task or next(iter(tasks))
         if task not in tasks:
             raise ValueError(f"entry {self.resolve(ref).ref} has no task {task!r}; it has {sorted(tasks)}")
-        return TaskModel(load_merged(backbone, folder), load_head(folder / tasks[task]["head"])).eval()
+        adapted = load_merged(backbone, folder)
+        if not tasks[task].get("head"):  # a generation task: the causal LM's output layer answers
+            return adapted.eval()
+        return TaskModel(adapted, load_head(folder / tasks[task]["head"])).eval()
 
     # -- writing -----------------------------------------------------------------------------------
     @contextmanager
@@ -452,7 +456,7 @@ class Store:
         Args:
             origin: where it came from (recorded in provenance.imported_from).
         """
-        from registry.entry import validate_payload
+        from registry.entry import head_files, validate_payload
 
         folder = Path(folder)
         meta = read_metadata(folder)
@@ -470,7 +474,7 @@ class Store:
                     shutil.copyfile(folder / rel, stage / rel)
             payload = {k: v for k, v in meta["files"].items() if k != MODEL_CARD_FILE}
             verify_files(stage, dict(meta, files=payload))  # the copies are what was verified
-            validate_payload(stage, {t: info["head"] for t, info in meta["tasks"].items()})
+            validate_payload(stage, head_files(meta["tasks"]))
             provenance = dict(meta["provenance"], imported_from=dict(origin or {}, name=name))
             return self.commit(stage, dict(meta, provenance=provenance), namespace, task, version)
 

@@ -2,6 +2,7 @@
 metric functions agree with known values; data grouping and prompt masking are right."""
 
 import itertools
+import json
 
 import pytest
 import sacrebleu
@@ -13,7 +14,7 @@ from adamix_zoo.generation.generate import generate
 from adamix_zoo.generation.metrics import bleu, nist, nlg_metrics, rouge_l
 from adamix_zoo.generation.objective import lm_loss
 from adamix_zoo.generation.recipe import METHODS, GenerationArgs
-from adamix_zoo.generation.tasks import NLGTask, get_nlg_task
+from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, NLGTask, get_nlg_task
 from tests.tiny import tiny_model, tiny_tokenizer
 
 NAMES, FOODS = [f"n{i}" for i in range(6)], [f"f{i}" for i in range(5)]
@@ -160,10 +161,9 @@ def test_cli_train_dispatches_data_to_text_tasks(tmp_path, monkeypatch):
     assert bad.exit_code != 0 and "method='full'" in bad.output
 
 
-def test_recipe_writes_the_run_folder(tmp_path):
-    """The data-to-text recipe end to end on a tiny saved Llama and two tiny E2E splits."""
-    import json
-
+def _recipe_run(tmp_path):
+    """The data-to-text recipe end to end on a tiny saved Llama and two tiny E2E splits; checks the
+    run folder and returns it with the tokenizer and the generations."""
     from adamix_zoo.generation.recipe import run_generation
 
     rows = [{"meaning_representation": f"name[{n}], food[{f}]", "human_reference": f"{n} serves {f}"}
@@ -187,4 +187,37 @@ def test_recipe_writes_the_run_folder(tmp_path):
     assert (out / "merged" / "adapter_model.safetensors").exists()
     run = json.loads((out / "run_config.json").read_text())
     assert run["problem"] == "lm" and run["adamix"]["num_experts"] == 4
-    assert len((out / "generations.jsonl").read_text().splitlines()) == 4
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 4
+    return out, tokenizer, generations
+
+
+def test_recipe_writes_the_run_folder(tmp_path):
+    _, _, generations = _recipe_run(tmp_path)
+    assert all(set(g) == {"source", "output", "references"} for g in generations)
+
+
+def test_a_published_generation_run_serves_what_the_recipe_generated(tmp_path):
+    """Run -> registry entry (no head; prompt template recorded) -> serving engine on the causal LM:
+    the engine's greedy outputs are the recipe's own."""
+    from transformers import AutoModelForCausalLM
+
+    from adamix_zoo.serving import ServingEngine
+    from registry import Store
+
+    out, tokenizer, generations = _recipe_run(tmp_path)
+    store = Store(tmp_path / "zoo")
+    info = store.publish(out)
+    meta = store.show(info.ref)
+    assert meta["tasks"]["e2e"]["head"] is None
+    assert meta["tasks"]["e2e"]["prompt_template"] == PROMPT_TEMPLATE
+    engine = ServingEngine(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), tokenizer)
+    for folder in (store.get(info.ref), out / "merged"):  # the entry, and the run's merged folder
+        (attached,) = engine.attach_all(folder, task="e2e")
+        assert attached.problem == "lm"
+        served = engine.generate("e2e", [g["source"] for g in generations], max_new_tokens=4)
+        assert served == [g["output"] for g in generations]
+    lm = store.attach(info.ref, AutoModelForCausalLM.from_pretrained(tmp_path / "model"))
+    assert generate(lm, tokenizer, TOY, [generations[0]["source"]], max_new_tokens=4) == [
+        generations[0]["output"]
+    ]

@@ -25,12 +25,13 @@ from adamix_zoo.generation.data import collate_lm, encode_pair, grouped_examples
 from adamix_zoo.generation.generate import generate_examples
 from adamix_zoo.generation.metrics import nlg_metrics
 from adamix_zoo.generation.objective import lm_loss
-from adamix_zoo.generation.tasks import get_nlg_task
+from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, get_nlg_task
 from adamix_zoo.io import (
     CURVE_FILE,
     EXPERTS_FILE,
     FINAL_METRICS_FILE,
     MERGED_DIR,
+    METADATA_FILE,
     METRICS_FILE,
     RUN_CONFIG_FILE,
     save_experts,
@@ -161,10 +162,16 @@ def run_generation(args: GenerationArgs) -> dict:
         for e, o in zip(examples, outputs):
             f.write(json.dumps({"source": e.source, "output": o, "references": list(e.references)}) + "\n")
     save_experts(model, out / EXPERTS_FILE)
-    save_merged(model, out / MERGED_DIR, base_model=args.backbone)
+    merged = save_merged(model, out / MERGED_DIR, base_model=args.backbone)
+    base_model = {"id": args.backbone, "fingerprint": base_fingerprint}
+    # What a serving engine needs to attach the merged folder as a generation task (no head).
+    (merged / METADATA_FILE).write_text(json.dumps(
+        {"task": args.task, "problem": "lm", "prompt_template": PROMPT_TEMPLATE, "base_model": base_model},
+        indent=2))
     run_config = {
         "task": args.task, "method": args.method, "backbone": args.backbone, "backbone_path": path,
         "backbone_fingerprint": base_fingerprint, "problem": "lm", "label_names": [],
+        "prompt_template": PROMPT_TEMPLATE,
         "adamix": model.config.to_dict(), "train": dataclasses.asdict(args), "seed": args.seed,
         "data": {"source": args.data_dir or task.hub_id, "train_size": len(pairs),
                  "validation_size": len(examples), "few_shot": None},

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 Row = dict[str, Any]
+# Every task's prompt; a published generation adapter records it so a server can build the same one.
+PROMPT_TEMPLATE = "Data: {source}\nText:"
 
 
 def _e2e_source(row: Row) -> str:
@@ -40,7 +42,7 @@ class NLGTask:
 
     def prompt(self, source: str) -> str:
         """The text the model continues; the target follows after a space."""
-        return f"Data: {source}\nText:"
+        return PROMPT_TEMPLATE.format(source=source)
 
 
 NLG_TASKS: dict[str, NLGTask] = {

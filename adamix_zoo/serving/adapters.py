@@ -3,7 +3,8 @@
 A task folder is what ``adamix_zoo.io.save_merged`` writes (``adapter_model.safetensors`` +
 ``adapter_config.json``, PEFT LoRA layout or ``ADAMIX_ADAPTER``), plus ``head.safetensors``
 (``adamix_zoo.heads.save_head``) and optionally ``adamix.json`` (label names, base model
-fingerprint, task, version). Nothing here touches the backbone: the engine checks shapes and
+fingerprint, task, version). A generation task (``"problem": "lm"`` in ``adamix.json``) has no head:
+the causal LM's own output layer answers, and its ``prompt_template`` says how to build the prompt. Nothing here touches the backbone: the engine checks shapes and
 fingerprints when it attaches the adapter.
 """
 
@@ -81,7 +82,7 @@ class TaskAdapter:
     task: str
     kind: str  # "lora" or "adapter"
     source: Path
-    head: ClassificationHead
+    head: ClassificationHead | None  # None: a generation task (the LM head answers)
     lora: dict[str, LoRAWeights] = field(default_factory=dict)
     bottleneck: dict[str, BottleneckWeights] = field(default_factory=dict)
     label_names: list[str] | None = None
@@ -89,18 +90,27 @@ class TaskAdapter:
     base_fingerprint: str | None = None
     base_model_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    prompt_template: str | None = None  # generation tasks: "...{source}..."
 
     @property
     def modules(self) -> list[str]:
         return sorted(self.lora) + sorted(self.bottleneck)
 
     @property
+    def generates(self) -> bool:
+        return self.head is None
+
+    @property
     def num_labels(self) -> int:
-        return self.head.num_labels
+        return 0 if self.head is None else self.head.num_labels
 
     @property
     def is_regression(self) -> bool:
-        return self.head.num_labels == 1
+        return self.num_labels == 1
+
+    @property
+    def problem(self) -> str:
+        return "lm" if self.generates else "regression" if self.is_regression else "classification"
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
@@ -202,6 +212,19 @@ def _label_names(
     return list(names)
 
 
+def _prompt_template(template: Any, where: Path) -> str:
+    """A generation task's prompt, e.g. ``"Data: {source}\\nText:"``; checked once when read."""
+    if template is None:
+        return "{source}"  # no recorded format: the input is the prompt
+    try:
+        if not isinstance(template, str) or "{source}" not in template:
+            raise ValueError("it must be a string containing {source}")
+        template.format(source="")
+    except (ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"{where}: unusable prompt_template {template!r}: {err}") from None
+    return template
+
+
 def _version(metadata: dict[str, Any], weights: Path) -> str:
     """The registry's version, else a content hash of the weights (so answers name exact weights)."""
     name = metadata.get("name")
@@ -266,7 +289,7 @@ def read_task_adapter(
     label_names: list[str] | None = None,
     head: str | None = None,
 ) -> TaskAdapter:
-    """Read a merged task folder (adapter + head + optional metadata) into a ``TaskAdapter``.
+    """Read a merged task folder (adapter + head or prompt format + metadata) into a ``TaskAdapter``.
 
     Args:
         directory: the folder written by ``save_merged`` + ``save_head`` (+ the registry's ``adamix.json``).
@@ -285,11 +308,15 @@ def read_task_adapter(
     config = read_adapter_config(directory)
     metadata = read_metadata(directory)
     head_name, head_path, head_info = _pick_head(directory, metadata, head)
-    if not head_path.exists():
-        raise ValueError(
-            f"task folder {directory} has no head file {head_path.name}: a served task needs its head"
-        )
-    task_head = load_head(head_path).eval()
+    generates = head_info.get("problem", metadata.get("problem")) == "lm"
+    task_head = None
+    if not generates:
+        if not head_path.exists():
+            raise ValueError(
+                f"task folder {directory} has no head file {head_path.name}: a served "
+                "classification task needs its head (generation tasks say \"problem\": \"lm\")"
+            )
+        task_head = load_head(head_path).eval()
     weights = directory / ADAPTER_WEIGHTS_FILE
     tensors = read_safetensors(weights)
     kind = "lora" if config["peft_type"] == "LORA" else "adapter"
@@ -299,11 +326,20 @@ def read_task_adapter(
         kind=kind,
         source=directory.resolve(),
         head=task_head,
-        label_names=_label_names(label_names, metadata, head_info, task_head),
+        label_names=(
+            None if task_head is None else _label_names(label_names, metadata, head_info, task_head)
+        ),
         version=_version(metadata, weights),
         base_fingerprint=base_fp,
         base_model_id=base_id or config.get("base_model_name_or_path") or None,
         metadata=metadata,
+        prompt_template=(
+            _prompt_template(
+                head_info.get("prompt_template", metadata.get("prompt_template")), directory
+            )
+            if generates
+            else None
+        ),
     )
     if config["peft_type"] == ADAPTER_PEFT_TYPE:
         adapter.bottleneck = _bottleneck_tensors(tensors, config, weights)

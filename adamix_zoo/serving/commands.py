@@ -1,26 +1,53 @@
-"""Serving verbs: ``serve`` (HTTP, FastAPI + uvicorn) and ``predict`` (one offline mixed batch)."""
+"""Serving verbs: ``serve`` (HTTP, FastAPI + uvicorn), and ``predict`` / ``generate`` (one offline
+mixed-task batch each)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
     from adamix_zoo.serving.engine import ServingEngine
 
-TASK_HELP = "A merged task folder to attach, as PATH or NAME=PATH (repeat for more tasks)."
-ENTRY_HELP = (
-    "A registry entry to attach, namespace/task@version (repeatable; all heads of a merged entry)."
-)
+# Options shared by the three verbs.
+Tasks = Annotated[
+    list[str],
+    typer.Option(
+        "--task", "-t", help="A merged task folder to attach, as PATH or NAME=PATH (repeatable)."
+    ),
+]
+Entries = Annotated[
+    list[str],
+    typer.Option(
+        "--entry",
+        "-e",
+        help="A registry entry to attach, namespace/task@version (repeatable; all heads of a "
+        "merged entry).",
+    ),
+]
+Backbone = Annotated[str, typer.Option(help="Backbone alias, folder or hub id.")]
+Registry = Annotated[
+    str | None, typer.Option(help="Registry store folder (default: the registry's home).")
+]
+Device = Annotated[
+    str | None, typer.Option(help="cpu or cuda (default: cuda when available).")
+]
+LM = Annotated[
+    bool,
+    typer.Option(
+        "--lm", help="Load the backbone as a causal LM, to serve generation tasks (e.g. e2e)."
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve`` and ``predict`` to ``app``."""
+    """Add ``serve``, ``predict`` and ``generate`` to ``app``."""
     app.command()(serve)
     app.command()(predict)
+    app.command()(generate)
 
 
 def _engine(
@@ -44,36 +71,51 @@ def _engine(
     for folder, name in sources:
         for info in engine.attach_all(folder, task=name):
             typer.echo(
-                f"attached {info.task} ({info.kind}, version {info.version}) from {folder}",
+                f"attached {info.task} ({info.problem}, {info.kind}, version {info.version}) "
+                f"from {folder}",
                 err=True,
             )
     return engine
 
 
+def _task_inputs(inputs: list[str]) -> list[tuple[str, str]]:
+    """TASK=TEXT arguments -> (task, text)."""
+    rows = []
+    for spec in inputs:
+        name, sep, text = spec.partition("=")
+        if not sep or not text:
+            raise typer.BadParameter(f"input {spec!r} is not TASK=TEXT")
+        rows.append((name, text))
+    return rows
+
+
+def _bad_parameter(err: Exception) -> typer.BadParameter:
+    return typer.BadParameter(str(err.args[0] if isinstance(err, KeyError) else err))
+
+
 def serve(
-    task: list[str] = typer.Option([], "--task", "-t", help=TASK_HELP),
-    entry: list[str] = typer.Option([], "--entry", "-e", help=ENTRY_HELP),
-    backbone: str = typer.Option(
-        "minilm-l6", help="Backbone alias, folder or hub id (bare AutoModel)."
-    ),
-    registry: str | None = typer.Option(
-        None, help="Registry store folder (default: the registry's home)."
-    ),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8000, help="Port to bind."),
-    capacity: int = typer.Option(16, help="Most adapters kept in memory; others reload on demand."),
-    max_batch_size: int = typer.Option(32, help="Rows per mixed-task forward pass."),
-    max_wait_ms: float = typer.Option(
-        5.0, help="How long a request waits for others to batch with."
-    ),
-    max_inputs: int = typer.Option(64, help="Most inputs in one request."),
-    max_length: int | None = typer.Option(
-        None, help="Most tokens per input (default: the model's limit)."
-    ),
-    allow_load: bool = typer.Option(
-        True, help="Enable the load/unload endpoints (they read server paths)."
-    ),
-    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    task: Tasks = [],  # noqa: B006 - typer reads the default; it is never mutated
+    entry: Entries = [],  # noqa: B006
+    backbone: Backbone = "minilm-l6",
+    lm: LM = False,
+    registry: Registry = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    capacity: Annotated[
+        int, typer.Option(help="Most adapters kept in memory; others reload on demand.")
+    ] = 16,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per mixed-task batch.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="How long a request waits for others to batch with.")
+    ] = 5.0,
+    max_inputs: Annotated[int, typer.Option(help="Most inputs in one request.")] = 64,
+    max_length: Annotated[
+        int | None, typer.Option(help="Most tokens per input (default: the model's limit).")
+    ] = None,
+    allow_load: Annotated[
+        bool, typer.Option(help="Enable the load/unload endpoints (they read server paths).")
+    ] = True,
+    device: Device = None,
 ) -> None:
     """Serve task adapters from one frozen backbone, batching requests of different tasks together.
 
@@ -83,6 +125,10 @@ def serve(
 
         curl -s localhost:8000/v1/predict -d '{"task": "sst2", "inputs": ["a gripping film"]}'
 
+        adamix-zoo serve --lm --backbone smollm2-135m --task e2e=runs/e2e/merged
+
+        curl -s localhost:8000/v1/generate -d '{"task": "e2e", "inputs": ["name[Aromi]"]}'
+
     OpenAPI docs at http://HOST:PORT/docs.
     """
     import uvicorn
@@ -91,26 +137,24 @@ def serve(
 
     try:
         engine = _engine(
-            backbone, device, task, entry, registry, capacity=capacity, max_length=max_length
+            backbone, device, task, entry, registry, lm=lm, capacity=capacity, max_length=max_length
         )
     except (KeyError, ValueError) as err:
-        raise typer.BadParameter(str(err.args[0] if isinstance(err, KeyError) else err)) from None
+        raise _bad_parameter(err) from None
     settings = ServerSettings(max_batch_size, max_wait_ms, max_inputs, allow_load, registry)
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
 
 
 def predict(
-    inputs: list[str] = typer.Argument(..., help="TASK=TEXT, or TASK=TEXT_A|||TEXT_B for a pair."),
-    task: list[str] = typer.Option([], "--task", "-t", help=TASK_HELP),
-    entry: list[str] = typer.Option([], "--entry", "-e", help=ENTRY_HELP),
-    backbone: str = typer.Option(
-        "minilm-l6", help="Backbone alias, folder or hub id (bare AutoModel)."
-    ),
-    registry: str | None = typer.Option(
-        None, help="Registry store folder (default: the registry's home)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per input."),
-    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    inputs: Annotated[
+        list[str], typer.Argument(help="TASK=TEXT, or TASK=TEXT_A|||TEXT_B for a pair.")
+    ],
+    task: Tasks = [],  # noqa: B006
+    entry: Entries = [],  # noqa: B006
+    backbone: Backbone = "minilm-l6",
+    registry: Registry = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
+    device: Device = None,
 ) -> None:
     """Answer inputs of several tasks in ONE mixed-task forward pass of one backbone (no server).
 
@@ -119,19 +163,17 @@ def predict(
         adamix-zoo predict -t sst2=runs/sst2/merged -t rte=runs/rte/merged \\
             "sst2=a gripping, funny film" "rte=A man sleeps.|||Nobody is awake."
     """
-    rows = []
-    for spec in inputs:
-        name, sep, text = spec.partition("=")
-        if not sep or not text:
-            raise typer.BadParameter(f"input {spec!r} is not TASK=TEXT")
-        rows.append((name, tuple(text.split("|||", 1)) if "|||" in text else text))
+    rows = [
+        (name, tuple(text.split("|||", 1)) if "|||" in text else text)
+        for name, text in _task_inputs(inputs)
+    ]
     try:
         engine = _engine(
             backbone, device, task, entry, registry, capacity=max(8, len({r[0] for r in rows}))
         )
         answers = engine.predict([r[0] for r in rows], [r[1] for r in rows])
     except (KeyError, ValueError) as err:
-        raise typer.BadParameter(str(err.args[0] if isinstance(err, KeyError) else err)) from None
+        raise _bad_parameter(err) from None
     for (name, text), answer in zip(rows, answers):
         shown = text if isinstance(text, str) else " ||| ".join(text)
         if as_json:
@@ -152,3 +194,39 @@ def predict(
                 f"{answer.label} ({answer.score:.3f})" if answer.label else f"{answer.score:.4f}"
             )
             typer.echo(f"{name:>16}  {result:<24} {shown}")
+
+
+def generate(
+    inputs: Annotated[list[str], typer.Argument(help="TASK=SOURCE, e.g. 'e2e=name[Aromi]'.")],
+    task: Tasks = [],  # noqa: B006
+    entry: Entries = [],  # noqa: B006
+    backbone: Backbone = "smollm2-135m",
+    registry: Registry = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per input.")] = 64,
+    num_beams: Annotated[int, typer.Option(help="1: greedy; more: beam search.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
+    device: Device = None,
+) -> None:
+    """Generate for inputs of several generation tasks in ONE batch on one causal LM (no server).
+
+    Example:
+
+        adamix-zoo generate -t e2e=runs/e2e/merged -t dart=runs/dart/merged \\
+            "e2e=name[Aromi], eatType[coffee shop]" "dart=Aromi | food | Italian"
+    """
+    rows = _task_inputs(inputs)
+    try:
+        engine = _engine(
+            backbone, device, task, entry, registry, lm=True,
+            capacity=max(8, len({r[0] for r in rows})),
+        )
+        outputs = engine.generate(
+            [r[0] for r in rows], [r[1] for r in rows], max_new_tokens, num_beams
+        )
+    except (KeyError, ValueError) as err:
+        raise _bad_parameter(err) from None
+    for (name, text), output in zip(rows, outputs):
+        if as_json:
+            typer.echo(json.dumps({"task": name, "input": text, "output": output}))
+        else:
+            typer.echo(f"{name:>16}  {output}")

@@ -4,6 +4,8 @@ Tasks are attached from their merged folders; at most ``capacity`` stay in memor
 used first out) and evicted ones reload from their folder on demand. A batch whose rows belong to
 different tasks runs as one forward pass: the projections hold every resident task's adapter in a
 slot (see ``layers``), the engine tells them each row's slot, and the heads are gathered per row.
+On a causal LM backbone, generation tasks (adapters without a head) decode mixed-task batches the
+same way: every step of ``generate`` is a forward pass whose rows keep their task's slot.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from adamix_zoo.backbones import fingerprint as backbone_fingerprint
+from adamix_zoo.generation.generate import first_line, generate_ids
 from adamix_zoo.methods.adapter import ACTIVATIONS
 from adamix_zoo.methods.lora import linear_dims
 from adamix_zoo.serving.adapters import (
@@ -53,7 +56,9 @@ class FingerprintMismatchError(ValueError):
 
 
 class InputError(ValueError):
-    """A request input the engine refuses (too long, empty, wrong shape)."""
+    """A request input the engine refuses (too long, empty, wrong shape, wrong kind of task)."""
+
+MAX_BEAMS = 8
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class TaskInfo:
 
     task: str
     kind: str
+    problem: str  # classification, regression or lm (generation)
     version: str
     num_labels: int
     label_names: list[str] | None
@@ -89,12 +95,31 @@ class Prediction:
 
 
 @dataclass
+class Generated:
+    """One row's generation: the new token ids and the adapter version that produced them."""
+
+    task: str | None
+    version: str | None
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One encoded prompt and how to continue it (rows with equal settings share a ``generate``)."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    num_beams: int
+
+
+@dataclass
 class _Source:
-    """Where an attached task reloads from after eviction."""
+    """Where an attached task reloads from after eviction, and what requests need before that."""
 
     folder: Path
     label_names: list[str] | None
     head: str | None
+    prompt_template: str | None  # None: a classification or regression task
 
     def read(self, task: str) -> TaskAdapter:
         return read_task_adapter(self.folder, task, self.label_names, self.head)
@@ -104,8 +129,9 @@ class ServingEngine:
     """Serve many tasks' merged adapters from one frozen backbone.
 
     Args:
-        backbone: a bare transformers encoder (``AutoModel``); frozen and shared by all tasks.
-        tokenizer: its tokenizer (needed by ``encode`` / ``predict``, not by ``forward``).
+        backbone: a bare transformers encoder (``AutoModel``) for classification tasks, or a causal
+            LM (``AutoModelForCausalLM``) for generation tasks; frozen and shared by all tasks.
+        tokenizer: its tokenizer (needed by ``encode`` / ``predict`` / ``generate``).
         capacity: the most adapters kept in memory; others reload from their folder on demand.
         max_length: the most tokens an input may have (default: the model's position limit).
         max_chars: the most characters an input may have (checked before tokenizing).
@@ -140,16 +166,30 @@ class ServingEngine:
         self._lock = threading.RLock()
 
     @classmethod
-    def from_pretrained(cls, name: str, device: str | None = None, **kwargs: Any) -> ServingEngine:
-        """Load a backbone (an alias such as ``minilm-l6``, a folder or a hub id) and its tokenizer."""
-        from transformers import AutoModel, AutoTokenizer
+    def from_pretrained(
+        cls, name: str, device: str | None = None, lm: bool = False, **kwargs: Any
+    ) -> ServingEngine:
+        """Load a backbone (an alias such as ``minilm-l6``, a folder or a hub id) and its tokenizer.
+
+        ``lm=True`` loads it as a causal LM (with its output layer) to serve generation tasks.
+        """
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         from adamix_zoo.backbones import resolve_backbone
 
         path = resolve_backbone(name)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModel.from_pretrained(path).to(device)
-        return cls(model, AutoTokenizer.from_pretrained(path), backbone_id=name, **kwargs)
+        model = (AutoModelForCausalLM if lm else AutoModel).from_pretrained(path).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:  # decoder tokenizers often have none; generation pads left
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(model, tokenizer, backbone_id=name, **kwargs)
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether the backbone is a causal LM with an output layer (needed by ``generate``)."""
+        can = getattr(self.backbone, "can_generate", None)
+        return bool(can and can())
 
     # -- attaching -----------------------------------------------------------------------------------
     def attach(
@@ -174,7 +214,9 @@ class ServingEngine:
         adapter = read_task_adapter(folder, task, label_names, head)
         self._check(adapter)
         with self._lock:
-            self._sources[adapter.task] = _Source(Path(folder), label_names, head)
+            self._sources[adapter.task] = _Source(
+                Path(folder), label_names, head, adapter.prompt_template
+            )
             self._resident[adapter.task] = adapter
             self._resident.move_to_end(adapter.task)
             self._evict(keep={adapter.task})
@@ -232,6 +274,7 @@ class ServingEngine:
         return TaskInfo(
             task=task,
             kind=adapter.kind,
+            problem=adapter.problem,
             version=adapter.version,
             num_labels=adapter.num_labels,
             label_names=adapter.label_names,
@@ -243,18 +286,25 @@ class ServingEngine:
     def _check(self, adapter: TaskAdapter) -> None:
         """Refuse adapters trained on another backbone or shaped for other projections."""
         where = f"task {adapter.task!r} ({adapter.source})"
+        if adapter.generates and not self.can_generate:
+            raise ValueError(
+                f"{where} is a generation task, but this backbone has no language-model head: "
+                "load the backbone as a causal LM (serve --lm)"
+            )
         if adapter.base_fingerprint and adapter.base_fingerprint != self.fingerprint:
             raise FingerprintMismatchError(
                 f"{where} was trained on a base model with fingerprint {adapter.base_fingerprint}, "
                 f"but this backbone's fingerprint is {self.fingerprint}"
             )
-        hidden = getattr(
-            getattr(self.backbone, "config", None), "hidden_size", adapter.head.hidden_size
-        )
-        if adapter.head.hidden_size != hidden:
-            raise ValueError(
-                f"{where}: head expects hidden size {adapter.head.hidden_size}, backbone has {hidden}"
+        if adapter.head is not None:
+            hidden = getattr(
+                getattr(self.backbone, "config", None), "hidden_size", adapter.head.hidden_size
             )
+            if adapter.head.hidden_size != hidden:
+                raise ValueError(
+                    f"{where}: head expects hidden size {adapter.head.hidden_size}, "
+                    f"backbone has {hidden}"
+                )
         for name, lora in adapter.lora.items():
             d_in, d_out = self._dims(name, where)
             if lora.a.shape[1] != d_in or lora.b.shape[0] != d_out:
@@ -335,7 +385,7 @@ class ServingEngine:
         for name, layer in self._layers.items():
             layer.lora = _lora_bank(name, adapters, like)
             layer.bottlenecks = _bottleneck_banks(name, adapters, like)
-        self._heads = _head_bank(adapters, like) if adapters else None
+        self._heads = _head_bank(adapters, like)
 
     # -- running -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -355,6 +405,9 @@ class ServingEngine:
         if len(tasks) != batch["input_ids"].shape[0]:
             raise InputError(f"{len(tasks)} tasks for {batch['input_ids'].shape[0]} rows")
         with self._lock:
+            for task in {t for t in tasks if t is not None}:
+                if self.generates(task):
+                    raise InputError(f"task {task!r} generates text: use generate (POST /v1/generate)")
             logits: list[torch.Tensor | None] = [None] * len(tasks)
             used: list[TaskAdapter | None] = [None] * len(tasks)
             pooled = torch.empty(len(tasks), 0)
@@ -379,8 +432,8 @@ class ServingEngine:
         device = self._param.device
         batch = {k: v.to(device) for k, v in batch.items()}
         self._holder.current = RowRouting(slots, device)
-        try:
-            hidden = self.backbone(**batch).last_hidden_state  # (B, T, d)
+        try:  # base_model: the encoder itself, or a causal LM's body without its output layer
+            hidden = getattr(self.backbone, "base_model", self.backbone)(**batch).last_hidden_state
         finally:
             self._holder.current = None
         if self._heads is None:  # only backbone rows and nothing attached
@@ -423,15 +476,19 @@ class ServingEngine:
                 )
         return rows
 
-    def collate(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Pad encoded rows into one batch of tensors (B, T), on the tokenizer's padding side.
+    def collate(
+        self, rows: Sequence[dict[str, list[int]]], left: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Pad encoded rows into one batch of tensors (B, T), on the tokenizer's padding side
+        unless ``left`` says which (generation pads left: decoders continue from the right end).
 
         Done here rather than with ``tokenizer.pad`` so that the batch thread never touches the
         (not thread-safe) Rust tokenizer that request handlers use to encode.
         """
         width = max(len(r["input_ids"]) for r in rows)
         pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        if left is None:
+            left = getattr(self.tokenizer, "padding_side", "right") == "left"
         out: dict[str, torch.Tensor] = {}
         for key in (k for k in MODEL_INPUTS if k in rows[0]):
             fill = pad_id if key == "input_ids" else 0
@@ -458,6 +515,135 @@ class ServingEngine:
         if tasks is None or isinstance(tasks, str):
             tasks = [tasks] * len(inputs)
         return self.predict_encoded(tasks, self.encode(inputs))
+
+    # -- generation ----------------------------------------------------------------------------------
+    def generates(self, task: str) -> bool:
+        """Whether ``task`` is a generation task. Raises UnknownTaskError if it is not attached."""
+        return self._source(task).prompt_template is not None
+
+    def _source(self, task: str) -> _Source:
+        try:
+            return self._sources[task]
+        except KeyError:
+            raise UnknownTaskError(f"task {task!r} is not attached") from None
+
+    def encode_prompts(
+        self,
+        tasks: Sequence[str | None],
+        inputs: Sequence[str],
+        max_new_tokens: int = 64,
+        num_beams: int = 1,
+    ) -> list[GenerationRow]:
+        """Build each input's prompt (its task's ``prompt_template``; the raw text for None) and
+        tokenize it.
+
+        Raises:
+            InputError: a backbone that cannot generate, a classification task, settings out of
+                range, an input that is not a non-empty string, or a prompt plus ``max_new_tokens``
+                longer than ``max_length``.
+            UnknownTaskError: a task that is not attached.
+        """
+        if not self.can_generate:
+            raise InputError(
+                "this backbone has no language-model head, so it cannot generate (serve --lm)"
+            )
+        if self.tokenizer is None:
+            raise RuntimeError("this engine has no tokenizer: pass one to tokenize text")
+        if not 1 <= max_new_tokens < self.max_length:
+            raise InputError(f"max_new_tokens must be in 1..{self.max_length - 1}, got {max_new_tokens}")
+        if not 1 <= num_beams <= MAX_BEAMS:
+            raise InputError(f"num_beams must be in 1..{MAX_BEAMS}, got {num_beams}")
+        if len(tasks) != len(inputs):
+            raise InputError(f"{len(tasks)} tasks for {len(inputs)} inputs")
+        prompts = []
+        for i, (task, text) in enumerate(zip(tasks, inputs)):
+            template = "{source}" if task is None else self._source(task).prompt_template
+            if template is None:
+                raise InputError(f"task {task!r} is a classification task: use predict")
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"input {i} must be a non-empty string")
+            if len(text) > self.max_chars:
+                raise InputError(f"input {i} has {len(text)} characters; the limit is {self.max_chars}")
+            prompts.append(template.format(source=text))
+        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        for i, ids in enumerate(encoded):
+            if len(ids) + max_new_tokens > self.max_length:
+                raise InputError(
+                    f"input {i} has {len(ids)} prompt tokens; with max_new_tokens={max_new_tokens} "
+                    f"that exceeds the limit of {self.max_length}"
+                )
+        return [GenerationRow(list(ids), max_new_tokens, num_beams) for ids in encoded]
+
+    @torch.inference_mode()
+    def generate_encoded(
+        self, tasks: Sequence[str | None], rows: Sequence[GenerationRow]
+    ) -> list[Generated]:
+        """New tokens per row (what the server's generation batch worker calls).
+
+        Rows with the same settings decode together, whatever their tasks: one ``generate`` per
+        group of settings (and of at most ``capacity`` distinct tasks).
+        """
+        if len(tasks) != len(rows):
+            raise InputError(f"{len(tasks)} tasks for {len(rows)} rows")
+        out: list[tuple[int, Generated]] = []
+        by_settings: dict[tuple[int, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            by_settings.setdefault((row.max_new_tokens, row.num_beams), []).append(i)
+        with self._lock:
+            for (max_new_tokens, num_beams), members in by_settings.items():
+                for group in _groups([tasks[i] for i in members], self.capacity):
+                    picked = [members[j] for j in group]
+                    ids = self._generate_group(
+                        [tasks[i] for i in picked],
+                        [rows[i].input_ids for i in picked],
+                        max_new_tokens,
+                        num_beams,
+                    )
+                    for i, new in zip(picked, ids):
+                        version = None if tasks[i] is None else self._resident[tasks[i]].version
+                        out.append((i, Generated(tasks[i], version, new)))
+        return [g for _, g in sorted(out, key=lambda pair: pair[0])]
+
+    def _generate_group(
+        self, tasks: list[str | None], prompts: list[list[int]], max_new_tokens: int, num_beams: int
+    ) -> list[list[int]]:
+        self._ensure_resident({t for t in tasks if t is not None})
+        slots = [0 if t is None else self._slots[t] for t in tasks]
+        device = self._param.device
+        batch = self.collate([{"input_ids": p, "attention_mask": [1] * len(p)} for p in prompts], left=True)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # generate() repeats every row num_beams times in place (row i -> rows i*n .. i*n+n-1) and
+        # keeps beams within their row's block, so the routing repeats each slot the same way.
+        self._holder.current = RowRouting([s for s in slots for _ in range(num_beams)], device)
+        try:
+            return generate_ids(
+                self.backbone,
+                batch,
+                self.tokenizer.pad_token_id,
+                self.tokenizer.eos_token_id,
+                max_new_tokens,
+                num_beams,
+            )
+        finally:
+            self._holder.current = None
+
+    def decode(self, generated: Sequence[Generated]) -> list[str]:
+        """Token ids -> text; a task's output is its first line (data-to-text targets are one line)."""
+        texts = self.tokenizer.batch_decode([g.token_ids for g in generated], skip_special_tokens=True)
+        return [t.strip() if g.task is None else first_line(t) for g, t in zip(generated, texts)]
+
+    def generate(
+        self,
+        tasks: Sequence[str | None] | str | None,
+        inputs: Sequence[str],
+        max_new_tokens: int = 64,
+        num_beams: int = 1,
+    ) -> list[str]:
+        """Generate for inputs; ``tasks`` is one task for all or one per input (None: backbone)."""
+        if tasks is None or isinstance(tasks, str):
+            tasks = [tasks] * len(inputs)
+        rows = self.encode_prompts(tasks, inputs, max_new_tokens, num_beams)
+        return self.decode(self.generate_encoded(tasks, rows))
 
 
 def _answer(
@@ -545,22 +731,30 @@ def _bottleneck_banks(
     return banks
 
 
-def _head_bank(adapters: list[TaskAdapter], like: torch.Tensor) -> HeadBank:
-    labels = max(a.head.num_labels for a in adapters)
-    d = adapters[0].head.hidden_size
+def _head_bank(adapters: list[TaskAdapter], like: torch.Tensor) -> HeadBank | None:
+    """Every resident classification task's head by slot (generation tasks' slots stay zero)."""
+    with_head = [a for a in adapters if a.head is not None]
+    if not with_head:
+        return None
+    labels = max(a.num_labels for a in with_head)
+    d = with_head[0].head.hidden_size
     n = len(adapters) + 1
     weight, bias = _zeros(n, (labels, d), like), _zeros(n, (labels,), like)
     cls = torch.zeros(n, dtype=torch.bool, device=like.device)
     for slot, a in enumerate(adapters, start=1):
+        if a.head is None:
+            continue
         linear = a.head.classifier
         weight[slot, : a.head.num_labels] = linear.weight.detach()
         bias[slot, : a.head.num_labels] = linear.bias.detach()
         cls[slot] = a.head.pooling == "cls"
-    return HeadBank(weight, bias, cls, [0] + [a.head.num_labels for a in adapters])
+    return HeadBank(weight, bias, cls, [0] + [a.num_labels for a in adapters])
 
 
 __all__ = [
     "FingerprintMismatchError",
+    "Generated",
+    "GenerationRow",
     "InputError",
     "Prediction",
     "ServingEngine",

@@ -1,8 +1,8 @@
 """The HTTP server: FastAPI over one ``ServingEngine``, with dynamic mixed-task batching.
 
-Endpoints: ``POST /v1/predict``, ``GET /v1/tasks``, ``POST /v1/tasks/load``,
-``POST /v1/tasks/{task}/unload``, ``GET /v1/stats``, ``GET /healthz``; OpenAPI at ``/docs`` and
-``/openapi.json``. Every bad request gets a 4xx whose ``detail`` says what is wrong; it never
+Endpoints: ``POST /v1/predict``, ``POST /v1/generate`` (generation tasks on a causal LM backbone),
+``GET /v1/tasks``, ``POST /v1/tasks/load``, ``POST /v1/tasks/{task}/unload``, ``GET /v1/stats``,
+``GET /healthz``; OpenAPI at ``/docs`` and ``/openapi.json``. Every bad request gets a 4xx whose ``detail`` says what is wrong; it never
 reaches the batch, so everyone else keeps being served.
 """
 
@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field
 
 from adamix_zoo.serving.batcher import DynamicBatcher
 from adamix_zoo.serving.engine import (
+    MAX_BEAMS,
     FingerprintMismatchError,
+    Generated,
     InputError,
     Prediction,
     ServingEngine,
@@ -75,9 +77,32 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
+class GenerateRequest(BaseModel):
+    task: str | None = Field(
+        description="An attached generation task; null continues the raw text with the backbone.",
+        examples=["e2e"],
+    )
+    inputs: str | list[str] = Field(
+        description="One source or a list (e.g. an E2E meaning representation); the task's prompt "
+        "template turns each into a prompt.",
+        examples=[["name[The Eagle], eatType[coffee shop], food[French]"]],
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="Most tokens generated per input.")
+    num_beams: int = Field(
+        default=1, ge=1, le=MAX_BEAMS, description="1: greedy; more: beam search."
+    )
+
+
+class GenerateResponse(BaseModel):
+    task: str | None
+    version: str = Field(description="Version of the adapter that answered ('' for the backbone).")
+    outputs: list[str]
+
+
 class TaskOut(BaseModel):
     task: str
     kind: str
+    problem: str = Field(description="classification, regression or lm (a generation task).")
     version: str
     num_labels: int
     label_names: list[str] | None
@@ -110,11 +135,17 @@ def create_app(engine: ServingEngine, settings: ServerSettings | None = None) ->
     """Build the FastAPI application serving ``engine`` (run it with uvicorn)."""
     settings = settings or ServerSettings()
     batcher = DynamicBatcher(engine.predict_encoded, settings.max_batch_size, settings.max_wait_ms)
+    # Generation rows are batched apart: a decode loop of many steps, not one forward pass.
+    generator = DynamicBatcher(
+        engine.generate_encoded, settings.max_batch_size, settings.max_wait_ms
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await batcher.start()
+        await generator.start()
         yield
+        await generator.stop()
         await batcher.stop()
 
     app = FastAPI(
@@ -127,6 +158,7 @@ def create_app(engine: ServingEngine, settings: ServerSettings | None = None) ->
     _add_error_handlers(app)
     _add_latency_middleware(app)
     _add_predict_routes(app, engine, batcher, settings)
+    _add_generate_route(app, engine, generator, settings)
     _add_task_routes(app, engine, settings)
     return app
 
@@ -137,15 +169,11 @@ def _add_predict_routes(
     @app.post("/v1/predict", response_model=PredictResponse, tags=["predict"])
     async def predict(body: PredictRequest) -> PredictResponse:
         """Labels and probabilities (or regression values) of one task for one or many inputs."""
-        inputs = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
-        if not inputs:
-            raise InputError("inputs is empty: send at least one input")
-        if len(inputs) > settings.max_inputs:
-            raise InputError(
-                f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}"
-            )
+        inputs = _request_inputs(body.inputs, settings)
         if not engine.has_task(body.task):
             raise UnknownTaskError(f"unknown task {body.task!r}; attached: {engine.task_names()}")
+        if engine.generates(body.task):
+            raise InputError(f"task {body.task!r} generates text: use POST /v1/generate")
         rows = engine.encode(inputs)  # validates lengths here, so a bad input never joins a batch
         answers: list[Prediction] = await batcher.submit([body.task] * len(rows), rows)
         return PredictResponse(
@@ -169,11 +197,40 @@ def _add_predict_routes(
 
     @app.get("/v1/stats", tags=["health"])
     async def stats() -> dict[str, Any]:
-        """Server-side latency percentiles of /v1/predict and what the batch worker did."""
+        """Server-side latency percentiles of /v1/predict and what the batch workers did."""
         return {
             "latency_ms": latency_summary(list(app.state.latencies_ms)),
             "batches": vars(batcher.stats),
+            "generation_batches": vars(app.state.generator.stats),
         }
+
+
+def _request_inputs(inputs: Any, settings: ServerSettings) -> list[Any]:
+    """A request's inputs as a list, refused when empty or over the per-request limit."""
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not inputs:
+        raise InputError("inputs is empty: send at least one input")
+    if len(inputs) > settings.max_inputs:
+        raise InputError(f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs}")
+    return inputs
+
+
+def _add_generate_route(
+    app: FastAPI, engine: ServingEngine, generator: DynamicBatcher, settings: ServerSettings
+) -> None:
+    app.state.generator = generator
+
+    @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"])
+    async def generate(body: GenerateRequest) -> GenerateResponse:
+        """Text from a generation task (greedy or beam search), batched with other tasks' rows."""
+        inputs = _request_inputs(body.inputs, settings)
+        tasks = [body.task] * len(inputs)
+        # Validated and tokenized here, so a bad input never joins a batch.
+        rows = engine.encode_prompts(tasks, inputs, body.max_new_tokens, body.num_beams)
+        answers: list[Generated] = await generator.submit(tasks, rows)
+        return GenerateResponse(
+            task=body.task, version=answers[0].version or "", outputs=engine.decode(answers)
+        )
 
 
 def _add_task_routes(app: FastAPI, engine: ServingEngine, settings: ServerSettings) -> None:
