@@ -1,11 +1,15 @@
 """Federated AdaMix vs centralized AdaMix on all-MiniLM-L6-v2 / SST-2, in one run.
 
-    .venv/bin/python bench/federation.py            # full: 4 clients, Dirichlet 0.5, 5 x 25 steps
+    .venv/bin/python bench/federation.py            # the protocol (FULL below)
     .venv/bin/python bench/federation.py --quick    # a smoke run (tiny subsets, 2 rounds)
+    .venv/bin/python bench/federation.py --rounds 3 --local-steps 20 --strategy fedavg  # a variant
+
+Every run is appended to bench/results/federation_runs.jsonl (what was tried, and how it did); the
+run of the protocol itself also writes bench/results/federation.json and the docs section.
 
 Federated: Flower's runtime (a local SuperLink in simulation mode, Ray backend, no dependency
 installation), 4 clients holding Dirichlet(alpha) label-skewed partitions of the same training
-subset, FedAvg over the adapter experts (and the head, single-task). Centralized: the project's
+subset, a Flower strategy over the adapter experts (and the head, single-task). Centralized: the project's
 training recipe (``adamix_zoo.training``) on the union of the partitions, with the same total number
 of optimizer steps (rounds x local steps x clients) and batch size. Both report the dev accuracy of
 the merged model on the same validation subset.
@@ -30,23 +34,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamix_zoo.io import FINAL_METRICS_FILE  # noqa: E402
-from bench.report import machine, markdown_table, write_json, write_section  # noqa: E402
+from bench.report import RESULTS, machine, markdown_table, write_json, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation.py"
 TARGET_RATIO = 0.95
-FULL = {  # sized so that the whole comparison fits about 15 minutes of a 2-core CPU
+# Sized so that the whole comparison fits about 15 minutes of a 2-core CPU. Many short rounds keep
+# label-skewed clients from drifting apart; server momentum (FedAvgM, Hsu et al. 2019) makes up for
+# FedAvg averaging four clients' steps into one step per round. federation_runs.jsonl has the
+# variants tried (e.g. 3 x 20 steps of plain FedAvg).
+FULL = {
     "clients": 4,
     "alpha": 0.5,
-    "rounds": 3,
-    "local_steps": 20,
+    "rounds": 10,
+    "local_steps": 6,
     "batch_size": 16,
     "train_limit": 4000,
     "eval_limit": 872,
     "max_length": 64,
+    "learning_rate": 1e-3,  # clients' AdamW, as the centralized recipe's default
+    "strategy": "fedavgm",
+    "server_learning_rate": 1.0,
+    "server_momentum": 0.9,
 }
-QUICK = {
-    "clients": 4,
-    "alpha": 0.5,
+QUICK = FULL | {
     "rounds": 2,
     "local_steps": 3,
     "batch_size": 8,
@@ -54,6 +64,8 @@ QUICK = {
     "eval_limit": 64,
     "max_length": 32,
 }
+VARIANT_KEYS = ("rounds", "local_steps", "learning_rate", "strategy", "server_learning_rate",
+                "server_momentum")
 
 
 def data_dir() -> Path:
@@ -86,6 +98,10 @@ def federated(s: dict, out: Path, seed: int) -> tuple[dict, float]:
         "output-dir": str(out),
         "publish": False,
         "round-timeout": 1800.0,
+        "learning-rate": s["learning_rate"],
+        "strategy": s["strategy"],
+        "server-learning-rate": s["server_learning_rate"],
+        "server-momentum": s["server_momentum"],
     }
     start = time.perf_counter()
     with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
@@ -143,8 +159,11 @@ def main() -> None:
         "--quick", action="store_true", help="tiny subsets, 2 rounds: checks the script works"
     )
     parser.add_argument("--seed", type=int, default=0)
+    for key in VARIANT_KEYS:  # a variant of the protocol: appended to the runs file only
+        parser.add_argument("--" + key.replace("_", "-"), type=type(FULL[key]), default=None)
     args = parser.parse_args()
-    s = QUICK if args.quick else FULL
+    changes = {k: getattr(args, k) for k in VARIANT_KEYS if getattr(args, k) is not None}
+    s = (QUICK if args.quick else FULL) | changes
     with tempfile.TemporaryDirectory(prefix="bench-fed-") as tmp:
         fed, fed_seconds = federated(s, Path(tmp) / "federated", args.seed)
         central, central_seconds = centralized(s, Path(tmp) / "central", args.seed)
@@ -157,7 +176,6 @@ def main() -> None:
             "task": "sst2",
             "backbone": "all-MiniLM-L6-v2",
             "method": "adamix-lora K=4 r=8",
-            "strategy": "fedavg",
             "total_steps": s["rounds"] * s["local_steps"] * s["clients"],
         },
         "quick": args.quick,
@@ -173,11 +191,22 @@ def main() -> None:
         "centralized_wall_seconds": central_seconds,
         "rounds_aggregated": log["aggregated_rounds"],
         "machine": machine(),
-        "command": COMMAND + (" --quick" if args.quick else ""),
+        "command": " ".join([COMMAND] + sys.argv[1:]),
     }
-    write_json("federation", results)
-    write_section("federation", report(results))
+    with (RESULTS / "federation_runs.jsonl").open("a") as runs:
+        runs.write(json.dumps(results) + "\n")
+    if not changes:
+        write_json("federation", results)
+        write_section("federation", report(results))
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=2))
+
+
+def strategy_text(s: dict) -> str:
+    if s["strategy"] == "fedavgm":
+        return f"FedAvgM, server lr {s['server_learning_rate']:g}, momentum {s['server_momentum']:g}"
+    if s["strategy"] in ("fedadam", "fedyogi", "fedadagrad"):
+        return f"{s['strategy']}, server lr {s['server_learning_rate']:g}"
+    return s["strategy"]
 
 
 def report(r: dict) -> str:
@@ -205,8 +234,9 @@ def report(r: dict) -> str:
         f"AdaMix-LoRA (K=4, r=8) on all-MiniLM-L6-v2, SST-2 ({s['train_limit']} train rows, "
         f"{s['eval_limit']} dev rows): {s['clients']} Flower clients with "
         f"Dirichlet(alpha={s['alpha']}) label-skewed partitions, {s['rounds']} rounds x "
-        f"{s['local_steps']} local steps (FedAvg over "
-        f"the adapter experts and the head), against centralized training with the same "
+        f"{s['local_steps']} local steps ({strategy_text(s)} over "
+        f"the adapter experts and the head; client learning rate {s['learning_rate']:g}), against "
+        f"centralized training with the same "
         f"{s['total_steps']} steps of batch {s['batch_size']}.\n\n"
         + markdown_table(["metric", "value"], rows)
         + f"\n\nCommand: `{r['command']}` ({m['cpu']}, {m['threads']} threads, {m['date']})."

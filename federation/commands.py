@@ -21,7 +21,11 @@ def federate(
     clients: int = typer.Option(4, min=1, help="Clients (SuperNodes)."),
     rounds: int = typer.Option(3, min=1, help="Federated rounds."),
     local_steps: int = typer.Option(20, min=1, help="Local optimizer steps per client per round."),
-    strategy: str = typer.Option("fedavg", help="fedavg, fedmedian, fedtrimmedavg or krum."),
+    strategy: str = typer.Option(
+        "fedavg",
+        help="fedavg, fedmedian, fedtrimmedavg, krum, or a server optimizer: fedavgm, fedadam, "
+        "fedyogi, fedadagrad (see --run-config server-learning-rate, server-momentum).",
+    ),
     dp: str = typer.Option(
         "none", help="none, server-fixed, server-adaptive, client-fixed, client-adaptive."
     ),

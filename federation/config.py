@@ -16,7 +16,10 @@ from typing import Any, Mapping
 from adamix_zoo.config import AdaMixConfig
 from adamix_zoo.tasks import get_task
 
-STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
+# FedAvg-family aggregation, robust aggregation, and server-side optimizers (FedOpt: Reddi et al.).
+STRATEGIES = (
+    "fedavg", "fedmedian", "fedtrimmedavg", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
+)
 DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 PARTITIONERS = ("iid", "dirichlet")
 HEAD_MODES = ("auto", "true", "false")
@@ -83,8 +86,14 @@ class FederationConfig:
         default="auto",
         metadata={"help": "'auto' (single task: yes; multi-task: no), 'true', 'false'."},
     )
-    strategy: str = field(
-        default="fedavg", metadata={"help": "fedavg, fedmedian, fedtrimmedavg or krum."}
+    strategy: str = field(default="fedavg", metadata={"help": ", ".join(STRATEGIES) + "."})
+    server_learning_rate: float = field(
+        default=1.0,
+        metadata={"help": "fedavgm / fedadam / fedyogi / fedadagrad: server step on the mean update."},
+    )
+    server_momentum: float = field(default=0.0, metadata={"help": "fedavgm: server momentum."})
+    server_tau: float = field(
+        default=1e-3, metadata={"help": "fedadam / fedyogi / fedadagrad: adaptivity (epsilon)."}
     )
     trimmed_beta: float = field(
         default=0.2, metadata={"help": "FedTrimmedAvg: fraction cut at each end."}
@@ -193,6 +202,8 @@ class FederationConfig:
             "clients": self.num_clients,
             "min_clients": self.min_clients,
             "strategy": self.strategy,
+            "server_learning_rate": self.server_learning_rate,
+            "server_momentum": self.server_momentum,
             "dp": self.dp,
             "partitioner": self.partitioner,
             "dirichlet_alpha": self.dirichlet_alpha if self.partitioner == "dirichlet" else None,

@@ -26,9 +26,13 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
     Strategy,
 )
@@ -127,6 +131,11 @@ class ValidatingStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        # FedAvgM keeps its own copy of the global arrays (FedOpt re-reads them every round); keep
+        # it equal to what is sent, also after a round whose aggregate this wrapper refused.
+        for strategy in (self.inner, getattr(self.inner, "strategy", None)):
+            if isinstance(strategy, FedAvgM):
+                strategy.current_arrays = arrays
         messages = self.inner.configure_train(server_round, arrays, config, grid)
         self._sent_at[server_round] = time.perf_counter()
         return messages
@@ -240,14 +249,24 @@ def flower_strategy(cfg: FederationConfig) -> Strategy:
         arrayrecord_key=ARRAYS_KEY,
         configrecord_key=CONFIG_KEY,
     )
+    server_opt = dict(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=cfg.server_tau)
     if cfg.strategy == "fedavg":
         base: Strategy = FedAvg(**common)
     elif cfg.strategy == "fedmedian":
         base = FedMedian(**common)
     elif cfg.strategy == "fedtrimmedavg":
         base = FedTrimmedAvg(**common, beta=cfg.trimmed_beta)
-    else:
+    elif cfg.strategy == "krum":
         base = Krum(**common, num_malicious_nodes=cfg.krum_malicious)
+    elif cfg.strategy == "fedavgm":
+        base = FedAvgM(
+            **common,
+            server_learning_rate=cfg.server_learning_rate,
+            server_momentum=cfg.server_momentum,
+        )
+    else:
+        optimizer = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}[cfg.strategy]
+        base = optimizer(**common, **server_opt)
     return _with_dp(cfg, base)
 
 

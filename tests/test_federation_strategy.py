@@ -6,14 +6,27 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
 )
 
@@ -215,6 +228,10 @@ def test_evaluation_metrics_are_weighted_per_task():
         ("fedmedian", "none", FedMedian, FedMedian),
         ("fedtrimmedavg", "none", FedTrimmedAvg, FedTrimmedAvg),
         ("krum", "none", Krum, Krum),
+        ("fedavgm", "none", FedAvgM, FedAvgM),
+        ("fedadam", "none", FedAdam, FedAdam),
+        ("fedyogi", "none", FedYogi, FedYogi),
+        ("fedadagrad", "server-fixed", FedAdagrad, DifferentialPrivacyServerSideFixedClipping),
         ("fedavg", "server-fixed", FedAvg, DifferentialPrivacyServerSideFixedClipping),
         ("fedavg", "client-fixed", FedAvg, DifferentialPrivacyClientSideFixedClipping),
         ("fedmedian", "server-adaptive", FedMedian, DifferentialPrivacyServerSideAdaptiveClipping),
@@ -227,6 +244,40 @@ def test_strategy_selection(name, dp, inner, outer):
     base = getattr(strategy, "strategy", strategy)
     assert type(base) is inner and base.min_train_nodes == 3 and base.fraction_train == 1.0
     assert isinstance(build_strategy(cfg, SPEC), ValidatingStrategy)
+
+
+class TwoNodes:
+    """The part of a Flower Grid that ``configure_train`` uses."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+
+def as_record(tensors: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in tensors.items()})
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_fedavgm_steps_the_server_with_momentum_from_what_was_sent():
+    cfg = FederationConfig(
+        strategy="fedavgm", server_learning_rate=2.0, server_momentum=0.9, min_clients=2
+    )
+    strategy = build_strategy(cfg, SPEC)
+    sent, momentum = arrays(0), None
+    for rnd in (1, 2, 3):
+        if rnd == 3:  # as after a refused round 2: the server re-sends other arrays than its last
+            sent = arrays(99)
+        strategy.configure_train(rnd, as_record(sent), ConfigRecord(), TwoNodes())
+        ups = [arrays(10 * rnd + 1), arrays(10 * rnd + 2)]
+        agg, _ = strategy.aggregate_train(rnd, [reply(1, ups[0], 10), reply(2, ups[1], 30)])
+        new = {}
+        for k in SPEC:
+            pseudo_gradient = sent[k] - (10 * ups[0][k] + 30 * ups[1][k]) / 40
+            momentum_k = pseudo_gradient if momentum is None else 0.9 * momentum[k] + pseudo_gradient
+            new[k] = sent[k] - 2.0 * momentum_k
+            np.testing.assert_allclose(agg[k].numpy(), new[k], rtol=1e-4, atol=1e-5)
+        momentum = {k: (sent[k] - new[k]) / 2.0 for k in SPEC}
+        sent = new
 
 
 @pytest.mark.usefixtures("server_identity")
