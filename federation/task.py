@@ -8,6 +8,7 @@ partitioners on a local ``datasets.Dataset`` (nothing is downloaded).
 
 from __future__ import annotations
 
+import copy
 import time
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterator
@@ -28,6 +29,15 @@ if TYPE_CHECKING:
 
 
 # -- model --------------------------------------------------------------------------------------
+@lru_cache(maxsize=2)
+def pretrained_backbone(backbone: str) -> torch.nn.Module:
+    """The backbone as loaded from disk, once per process (a simulated client's process serves
+    every round); each model gets its own copy, so AdaMix injection never touches this one."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(resolve_backbone(backbone))
+
+
 def build_model(cfg: FederationConfig, task: str, head_seed: int | None = None) -> TaskModel:
     """Frozen backbone + AdaMix (seeded by ``cfg.seed``, identical everywhere) + a fresh head.
 
@@ -35,9 +45,7 @@ def build_model(cfg: FederationConfig, task: str, head_seed: int | None = None) 
         head_seed: seed of the head's initialisation (defaults to ``cfg.seed``; multi-task clients
             pass their own, since their heads never meet).
     """
-    from transformers import AutoModel
-
-    backbone = AutoModel.from_pretrained(resolve_backbone(cfg.backbone))
+    backbone = copy.deepcopy(pretrained_backbone(cfg.backbone))
     torch.manual_seed(cfg.seed)
     model = build_task_model(backbone, get_task(task), cfg.adamix_config(), cfg.pooling)
     if head_seed is not None:  # re-draw the head alone; the experts keep the shared seed

@@ -1,10 +1,10 @@
 """Build an entry's payload from a training output folder, and validate payloads without a backbone.
 
 A training run writes ``run_config.json``, ``final_metrics.json``, ``head.safetensors``, optionally
-``adamix_experts.safetensors``, and ``merged/`` (``adamix_zoo.io.save_merged``). A generation run
-(``"problem": "lm"``) has no head: the causal LM's output layer answers, through its prompt template. Everything copied
-into an entry is parsed and shape-checked here first, so a corrupt or inconsistent run is refused
-before anything is written to the store.
+``adamix_experts.safetensors``, and ``merged/`` (``adamix_zoo.io.save_merged``); a generation run
+(``"problem": "lm"``) has no head: the causal LM's output layer answers, after its prompt template.
+Everything copied into an entry is parsed and shape-checked here first, so a corrupt or inconsistent
+run is refused before anything is written to the store.
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ def run_metadata(run: dict[str, Any], task: str, run_dir: Path) -> dict[str, Any
 
 def _task_metadata(run: dict[str, Any]) -> dict[str, Any]:
     """The entry's description of its task: a head for classification, a prompt for generation."""
-    info = {"problem": run["problem"], "label_names": run["label_names"], "metrics": run["final_metrics"]}
+    info = {"problem": run["problem"], "label_names": run["label_names"],
+            "metrics": run["final_metrics"]}
     if run["problem"] == "lm":
         return dict(info, head=None, prompt_template=run.get("prompt_template"))
     return dict(info, head=HEAD_FILE)

@@ -325,9 +325,9 @@ def _merged_metadata(config, metas, tasks, options, infos) -> dict[str, Any]:
         "base_model": first["base_model"],
         "tasks": {
             # metrics of the merged adapter are unknown until evaluated; the source's are kept apart
-            name: dict(meta["tasks"][src], source=info.ref,
+            name: dict(meta["tasks"][src], source=info.ref, metrics={},
                        head=f"{HEADS_DIR}/{name}.safetensors" if meta["tasks"][src].get("head") else None,
-                       metrics={}, source_metrics=meta["tasks"][src].get("metrics") or {})
+                       source_metrics=meta["tasks"][src].get("metrics") or {})
             for name, (src, info, meta, _) in tasks.items()
         },
         "provenance": {

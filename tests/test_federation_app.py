@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, MessageType
 from transformers import AutoModel
 
@@ -184,3 +185,21 @@ def test_differential_privacy_wrappers_run_end_to_end(tiny_env, dp):
     # global experts moved at most that far from where the round started.
     delta = np.sqrt(sum(((saved[k].numpy() - start[k]) ** 2).sum() for k in saved))
     assert 0 < delta <= 1e-3 * 1.0001
+
+
+def test_models_are_built_from_one_cached_backbone_without_touching_it(tiny_env):
+    """Each client message builds its model from a per-process copy of the backbone: loaded once,
+    never modified by AdaMix injection or training, and equal to a fresh load."""
+    from federation.task import build_model, pretrained_backbone
+
+    cfg = FederationConfig.from_run_config(tiny_run_config(tiny_env))
+    pretrained_backbone.cache_clear()
+    first, second = build_model(cfg, "sst2"), build_model(cfg, "sst2")
+    assert pretrained_backbone.cache_info().misses == 1
+    cached = pretrained_backbone(cfg.backbone)
+    assert not any("adamix" in name for name, _ in cached.named_parameters())
+    with torch.no_grad():
+        for p in first.backbone.parameters():
+            p.add_(1.0)  # even a (frozen) weight changed in one model stays out of the others
+    assert fingerprint(second.backbone) == fingerprint(cached)
+    assert fingerprint(cached) == fingerprint(AutoModel.from_pretrained(cfg.backbone))

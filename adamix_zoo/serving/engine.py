@@ -58,7 +58,8 @@ class FingerprintMismatchError(ValueError):
 class InputError(ValueError):
     """A request input the engine refuses (too long, empty, wrong shape, wrong kind of task)."""
 
-MAX_BEAMS = 8
+
+MAX_BEAMS = 8  # beams per generation request: each multiplies the rows of every decoding step
 
 
 @dataclass(frozen=True)
