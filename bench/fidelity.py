@@ -8,6 +8,7 @@ docs/BENCHMARKS.md.
 
     .venv/bin/python bench/fidelity.py            # the full benchmark (60 runs, 2 workers)
     .venv/bin/python bench/fidelity.py --quick    # a tiny end-to-end check (~1-2 minutes)
+    .venv/bin/python bench/fidelity.py --ablation # STS-B ablations (ABLATIONS below, ~15 minutes)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bench.report import RESULTS, machine, markdown_table, write_json, write_sec
 TASKS = ("rte", "mrpc", "stsb", "sst2")
 METHODS = ("full", "lora", "adapter", "adamix-lora", "adamix-adapter")
 SEEDS = (0, 1, 2)
-# One protocol for every method, sized for 2 CPU cores (~40-45 min for 60 runs): a fixed
+# One protocol for every method, sized for 2 CPU cores (~47 min for 60 runs, 2 workers): a fixed
 # 1,000-row train subset, a fixed dev subset (<= 256 rows), 80 steps of 16 (1.3 epochs), max length 64,
 # two evaluations keeping the best. Learning rates per method family; an AdaMix method uses exactly
 # its base method's settings (the paper's comparison).
@@ -58,6 +59,14 @@ PROTOCOL: dict[str, Any] = {
 LR = {"full": 1e-4, "lora": 3e-3, "adamix-lora": 3e-3, "adapter": 2e-3, "adamix-adapter": 2e-3}
 QUICK = {"tasks": ("sst2",), "seeds": (0,), "train_subset": 200, "validation_subset": 100,
          "max_steps": 12, "eval_every": 6}
+# STS-B is where AdaMix trails its base method most under PROTOCOL. Two suspects, one ablation each:
+# the consistency loss (a squared difference between passes, for regression), and the short budget
+# (each of K experts is routed ~1/K of the steps). variant -> (protocol changes, methods).
+ABLATION_TASK = "stsb"
+ABLATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "consistency weight 0": ({"consistency_weight": 0.0}, ("adamix-lora",)),
+    "3x steps (240)": ({"max_steps": 240, "eval_every": 120}, ("lora", "adamix-lora")),
+}
 PAPER = "BERT-base GLUE average: AdaMix 84.5, full fine-tuning 82.7, LoRA 82.2 (Wang et al., 2022)"
 
 
@@ -181,7 +190,7 @@ def markdown(runs: list[dict[str, Any]], summary: dict[str, Any], protocol: dict
     mm = markdown_table(["task", "method", "seed", "merged", "median single", "merged - median"], mm_rows)
     targets = "\n".join(f"- `{k}`: {'met' if v else ('not met' if v is False else 'n/a')}"
                         for k, v in summary["targets"].items())
-    times = [r["wall_s"] for r in runs]
+    times, cpu = [r["wall_s"] for r in runs], [r["cpu_s"] for r in runs]
     lr = ", ".join(f"{m} {v:g}" for m, v in LR.items())
     return f"""## Fidelity: AdaMix vs its base methods and full fine-tuning
 
@@ -197,9 +206,9 @@ on query/value; adapters bottleneck {protocol['bottleneck']} after each FFN. Sco
 F1 (mrpc), Pearson (stsb). Merged vs single: {protocol['num_experts']} fixed single adapters (expert k
 everywhere) + {protocol['analysis_samples']} drawn per projection, median of these against the merged adapter.
 
-Command: `{command}` ({len(runs)} runs, {fmt(_mean(times))} s wall per run on average with {workers}
-single-threaded workers in parallel, about {fmt(sum(times) / 60 / workers)} min in all;
-machine: {json.dumps(machine())}).
+Command: `{command}` ({len(runs)} runs of {fmt(_mean(cpu))} CPU seconds on average, so about
+{fmt(sum(cpu) / 60 / workers)} min with {workers} single-threaded workers on an idle machine; these
+runs shared it with other work, {fmt(_mean(times))} s wall per run; machine: {json.dumps(machine())}).
 
 ### Task averages
 {avg}
@@ -219,6 +228,42 @@ share of runs where the merged adapter beats the median single adapter: {fmt(sum
 """
 
 
+def run_ablations(data_dir: str, workers: int) -> dict[str, Any]:
+    """Every ABLATIONS variant on ABLATION_TASK, 3 seeds, next to the PROTOCOL runs of the same."""
+    log = RESULTS / "fidelity_ablation_runs.jsonl"
+    base = load_runs(RESULTS / "fidelity_runs.jsonl", protocol_id(PROTOCOL))
+    rows, results = [], {}
+    for variant, (changes, methods) in ABLATIONS.items():
+        protocol = PROTOCOL | changes
+        pid = protocol_id(protocol)
+        done = load_runs(log, pid)
+        todo = [(ABLATION_TASK, m, s) for s in SEEDS for m in methods if (ABLATION_TASK, m, s) not in done]
+        for run in _execute(todo, protocol, data_dir, workers):
+            run["protocol_id"], run["variant"] = pid, variant
+            with open(log, "a") as f:
+                f.write(json.dumps(run) + "\n")
+            done[(run["task"], run["method"], run["seed"])] = run
+            print(f"{variant}: {run['method']} seed {run['seed']}: {run['score']:.2f}", flush=True)
+        for method in methods:
+            scores = [done[(ABLATION_TASK, method, s)]["score"] for s in SEEDS]
+            before = [base[(ABLATION_TASK, method, s)]["score"] for s in SEEDS if (ABLATION_TASK, method, s) in base]
+            results[f"{variant} / {method}"] = {"mean": _mean(scores), "protocol_mean": _mean(before)}
+            rows.append([variant, method, *[f"{v:.2f}" for v in scores], f"{_mean(scores):.2f}",
+                         f"{_mean(before):.2f}" if before else "–"])
+    table = markdown_table(["variant", "method", *[f"seed {s}" for s in SEEDS], "mean",
+                            "mean under the protocol"], rows)
+    write_json("fidelity_ablation", {"task": ABLATION_TASK, "variants": results, "machine": machine(),
+                                     "command": "python bench/fidelity.py --ablation"})
+    write_section("fidelity-ablation", f"""### Fidelity ablations on STS-B (Pearson x100)
+
+Where AdaMix trails most. Each variant changes one thing of the protocol above, same seeds;
+command: `python bench/fidelity.py --ablation`.
+
+{table}
+""")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny protocol, one task and seed")
@@ -229,7 +274,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-steps", type=int, default=None, help="override the protocol's steps")
     parser.add_argument("--workers", type=int, default=2,
                         help="runs in parallel, one CPU thread each (default 2: one per core)")
+    parser.add_argument("--ablation", action="store_true", help=f"the {ABLATION_TASK} ablations only")
     opts = parser.parse_args(argv)
+    if opts.ablation:
+        return run_ablations(opts.data_dir, opts.workers)
     protocol = PROTOCOL | ({k: v for k, v in QUICK.items() if k in PROTOCOL} if opts.quick else {})
     if opts.max_steps:  # another protocol: earlier runs are not reused
         protocol |= {"max_steps": opts.max_steps, "eval_every": max(1, opts.max_steps // 2)}
