@@ -3,9 +3,10 @@
 A task folder is what ``adamix_zoo.io.save_merged`` writes (``adapter_model.safetensors`` +
 ``adapter_config.json``, PEFT LoRA layout or ``ADAMIX_ADAPTER``), plus ``head.safetensors``
 (``adamix_zoo.heads.save_head``) and optionally ``adamix.json`` (label names, base model
-fingerprint, task, version). A generation task (``"problem": "lm"`` in ``adamix.json``) has no head:
-the causal LM's own output layer answers, and its ``prompt_template`` says how to build the prompt. Nothing here touches the backbone: the engine checks shapes and
-fingerprints when it attaches the adapter.
+fingerprint, task, version). A generation task (``"problem": "lm"`` in ``adamix.json``) has no
+head: the causal LM's own output layer answers, and its ``prompt_template`` says how to build the
+prompt. Nothing here touches the backbone: the engine checks shapes and fingerprints when it
+attaches the adapter.
 """
 
 from __future__ import annotations

@@ -211,8 +211,8 @@ def generate(
 
     Example:
 
-        adamix-zoo generate -t e2e=runs/e2e/merged -t dart=runs/dart/merged \\
-            "e2e=name[Aromi], eatType[coffee shop]" "dart=Aromi | food | Italian"
+        adamix-zoo generate -t e2e=runs/e2e/merged -t webnlg=runs/webnlg/merged \\
+            "e2e=name[Aromi], eatType[coffee shop]" "webnlg=Aromi | food | Italian"
     """
     rows = _task_inputs(inputs)
     try:

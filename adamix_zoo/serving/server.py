@@ -2,8 +2,8 @@
 
 Endpoints: ``POST /v1/predict``, ``POST /v1/generate`` (generation tasks on a causal LM backbone),
 ``GET /v1/tasks``, ``POST /v1/tasks/load``, ``POST /v1/tasks/{task}/unload``, ``GET /v1/stats``,
-``GET /healthz``; OpenAPI at ``/docs`` and ``/openapi.json``. Every bad request gets a 4xx whose ``detail`` says what is wrong; it never
-reaches the batch, so everyone else keeps being served.
+``GET /healthz``; OpenAPI at ``/docs`` and ``/openapi.json``. Every bad request gets a 4xx whose
+``detail`` says what is wrong; it never reaches the batch, so everyone else keeps being served.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def create_app(engine: ServingEngine, settings: ServerSettings | None = None) ->
         description="Many AdaMix task adapters served from one frozen backbone, in mixed-task batches.",
         lifespan=lifespan,
     )
-    app.state.engine, app.state.batcher, app.state.settings = engine, batcher, settings
+    app.state.engine, app.state.settings = engine, settings
+    app.state.batcher, app.state.generator = batcher, generator
     app.state.latencies_ms = deque(maxlen=100_000)
     _add_error_handlers(app)
     _add_latency_middleware(app)
@@ -218,8 +219,6 @@ def _request_inputs(inputs: Any, settings: ServerSettings) -> list[Any]:
 def _add_generate_route(
     app: FastAPI, engine: ServingEngine, generator: DynamicBatcher, settings: ServerSettings
 ) -> None:
-    app.state.generator = generator
-
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"])
     async def generate(body: GenerateRequest) -> GenerateResponse:
         """Text from a generation task (greedy or beam search), batched with other tasks' rows."""
