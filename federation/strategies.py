@@ -249,7 +249,6 @@ def flower_strategy(cfg: FederationConfig) -> Strategy:
         arrayrecord_key=ARRAYS_KEY,
         configrecord_key=CONFIG_KEY,
     )
-    server_opt = dict(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=cfg.server_tau)
     if cfg.strategy == "fedavg":
         base: Strategy = FedAvg(**common)
     elif cfg.strategy == "fedmedian":
@@ -266,7 +265,9 @@ def flower_strategy(cfg: FederationConfig) -> Strategy:
         )
     else:
         optimizer = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}[cfg.strategy]
-        base = optimizer(**common, **server_opt)
+        base = optimizer(
+            **common, eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=cfg.server_tau
+        )
     return _with_dp(cfg, base)
 
 
