@@ -98,7 +98,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the frozen backbone's parameter names, shapes, dtypes and values.
 
     Works on a bare backbone, on one with AdaMix injected (``base_layer`` wrappers and ``adamix_*``
-    tensors are ignored) and on the ``AdaMixModel`` wrapper itself, so adapters can check they are attached to the weights they were trained on.
+    tensors are ignored) and on the ``AdaMixModel`` wrapper itself, so adapters can check they are
+    attached to the weights they were trained on.
     A folded LoRA changes the weights and so the fingerprint: fold only after attaching.
     """
     if isinstance(model, AdaMixModel):  # its parameter names carry a "model." prefix

@@ -143,8 +143,15 @@ def load_run(run_dir: str | Path, merged: bool = False, check_fingerprint: bool 
     from adamix_zoo.backbones import fingerprint, resolve_backbone
     from adamix_zoo.config import AdaMixConfig
     from adamix_zoo.heads import TaskModel, load_head
-    from adamix_zoo.io import EXPERTS_FILE, HEAD_FILE, load_experts, load_merged
-    from adamix_zoo.io import FULL_MODEL_FILE, MERGED_DIR, RUN_CONFIG_FILE
+    from adamix_zoo.io import (
+        EXPERTS_FILE,
+        FULL_MODEL_FILE,
+        HEAD_FILE,
+        MERGED_DIR,
+        RUN_CONFIG_FILE,
+        load_experts,
+        load_merged,
+    )
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG_FILE).is_file():

@@ -9,10 +9,10 @@ run of the protocol itself also writes bench/results/federation.json and the doc
 
 Federated: Flower's runtime (a local SuperLink in simulation mode, Ray backend, no dependency
 installation), 4 clients holding Dirichlet(alpha) label-skewed partitions of the same training
-subset, a Flower strategy over the adapter experts (and the head, single-task). Centralized: the project's
-training recipe (``adamix_zoo.training``) on the union of the partitions, with the same total number
-of optimizer steps (rounds x local steps x clients) and batch size. Both report the dev accuracy of
-the merged model on the same validation subset.
+subset, a Flower strategy over the adapter experts (and the head, single-task). Centralized: the
+project's training recipe (``adamix_zoo.training``) on the union of the partitions, with the same
+total number of optimizer steps (rounds x local steps x clients) and batch size. Both report the dev
+accuracy of the merged model on the same validation subset.
 
 - ``bytes_per_client_round``: the float32 tensor payload one client receives and sends per round.
 - ``bytes_ratio_vs_full_model``: that over the same for FedAvg of the whole model (backbone + head).
@@ -38,7 +38,7 @@ from bench.report import RESULTS, machine, markdown_table, write_json, write_sec
 
 COMMAND = ".venv/bin/python bench/federation.py"
 TARGET_RATIO = 0.95
-# Sized so that the whole comparison fits about 15 minutes of a 2-core CPU. Many short rounds keep
+# Sized so that the whole comparison takes about 6 minutes of a 2-core CPU. Many short rounds keep
 # label-skewed clients from drifting apart; server momentum (FedAvgM, Hsu et al. 2019) makes up for
 # FedAvg averaging four clients' steps into one step per round. federation_runs.jsonl has the
 # variants tried (e.g. 3 x 20 steps of plain FedAvg).

@@ -51,21 +51,15 @@ def finished_runs(protocol: dict[str, Any]) -> dict[tuple[str, int], dict]:
 
 
 def earlier_protocols() -> list[list[Any]]:
-    """Mean BLEU per method of runs under other protocols (shorter budgets tried before)."""
-    rows = []
+    """Mean BLEU per budget and method of runs under other protocols (shorter budgets tried before)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in all_runs():
-        if r["protocol"] == PROTOCOL:
-            continue
-        key = f"{r['protocol']['train_size']} pairs, {r['protocol']['steps']} steps"
-        rows.append((key, r["method"], r["seed"], r["bleu"]))
-    out = []
-    for key in dict.fromkeys(k for k, *_ in rows):
-        for method in METHODS:
-            values = [b for k, m, _, b in rows if k == key and m == method]
-            if values:
-                seeds = sorted(s for k, m, s, _ in rows if k == key and m == method)
-                out.append([key, method, ", ".join(map(str, seeds)), f"{statistics.mean(values):.2f}"])
-    return out
+        if r["protocol"] != PROTOCOL:
+            budget = f"{r['protocol']['train_size']} pairs, {r['protocol']['steps']} steps"
+            groups.setdefault((budget, r["method"]), []).append(r)
+    return [[budget, method, ", ".join(str(s) for s in sorted(r["seed"] for r in runs)),
+             f"{statistics.mean(r['bleu'] for r in runs):.2f}"]
+            for (budget, method), runs in groups.items()]
 
 
 def one_run(protocol: dict[str, Any], method: str, seed: int, data_dir: str, out: Path) -> dict:

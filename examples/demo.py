@@ -1,4 +1,4 @@
-"""`make demo`: the whole job on the packaged all-MiniLM-L6-v2 and the local GLUE data, about ten
+"""`make demo`: the whole job on the packaged all-MiniLM-L6-v2 and the local GLUE data, about five
 minutes on 2 CPU cores (most of it the Flower simulation, whose clients run one at a time).
 
     1. train     AdaMix-LoRA on SST-2 (4 experts, stochastic routing, consistency loss, merged at

@@ -290,7 +290,7 @@ def read_task_adapter(
     label_names: list[str] | None = None,
     head: str | None = None,
 ) -> TaskAdapter:
-    """Read a merged task folder (adapter + head or prompt format + metadata) into a ``TaskAdapter``.
+    """Read a merged task folder (adapter, head or prompt format, metadata) into a ``TaskAdapter``.
 
     Args:
         directory: the folder written by ``save_merged`` + ``save_head`` (+ the registry's ``adamix.json``).

@@ -586,7 +586,7 @@ class ServingEngine:
         """
         if len(tasks) != len(rows):
             raise InputError(f"{len(tasks)} tasks for {len(rows)} rows")
-        out: list[tuple[int, Generated]] = []
+        out: list[Generated | None] = [None] * len(rows)
         by_settings: dict[tuple[int, int], list[int]] = {}
         for i, row in enumerate(rows):
             by_settings.setdefault((row.max_new_tokens, row.num_beams), []).append(i)
@@ -602,8 +602,8 @@ class ServingEngine:
                     )
                     for i, new in zip(picked, ids):
                         version = None if tasks[i] is None else self._resident[tasks[i]].version
-                        out.append((i, Generated(tasks[i], version, new)))
-        return [g for _, g in sorted(out, key=lambda pair: pair[0])]
+                        out[i] = Generated(tasks[i], version, new)
+        return out
 
     def _generate_group(
         self, tasks: list[str | None], prompts: list[list[int]], max_new_tokens: int, num_beams: int
@@ -611,8 +611,8 @@ class ServingEngine:
         self._ensure_resident({t for t in tasks if t is not None})
         slots = [0 if t is None else self._slots[t] for t in tasks]
         device = self._param.device
-        batch = self.collate([{"input_ids": p, "attention_mask": [1] * len(p)} for p in prompts], left=True)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        rows = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in prompts]
+        batch = {k: v.to(device) for k, v in self.collate(rows, left=True).items()}
         # generate() repeats every row num_beams times in place (row i -> rows i*n .. i*n+n-1) and
         # keeps beams within their row's block, so the routing repeats each slot the same way.
         self._holder.current = RowRouting([s for s in slots for _ in range(num_beams)], device)

@@ -201,7 +201,7 @@ def _add_predict_routes(
         """Server-side latency percentiles of /v1/predict and what the batch workers did."""
         return {
             "latency_ms": latency_summary(list(app.state.latencies_ms)),
-            "batches": vars(batcher.stats),
+            "batches": vars(app.state.batcher.stats),
             "generation_batches": vars(app.state.generator.stats),
         }
 
