@@ -11,6 +11,13 @@ SHARING = ("up", "down", "none")
 PLACEMENTS = ("ffn", "houlsby")
 EVAL_ROUTING = ("merged", "fixed", "random")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
+ROUTING = ("row", "batch")
+EXPERT_INIT = ("identical", "independent")
+ADAPTER_INIT = ("normal", "zero-up")
+TASK_LOSS_PASSES = ("both", "first")
+PROBLEMS = ("classification", "regression", "lm")
+# Consistency weight per problem when ``consistency_weight`` is None (docs/BENCHMARKS.md, fidelity).
+DEFAULT_CONSISTENCY = {"classification": 1.0, "regression": 1.0, "lm": 1.0}
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -49,8 +56,34 @@ class AdaMixConfig:
         default="ffn",
         metadata={"help": "Adapter places: 'ffn' (AdaMix) or 'houlsby' (after attention too)."},
     )
-    consistency_weight: float = field(
-        default=1.0, metadata={"help": "Weight w of the consistency loss between two passes."}
+    consistency_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight w of the consistency loss between two passes; None takes the "
+                  "per-problem default DEFAULT_CONSISTENCY (classification 1, the paper; regression "
+                  "1 on a squared difference, where the official code's one-logit KL is identically "
+                  "0; lm 1 on the per-token KL, where official NLG/src/model.py uses 100)."},
+    )
+    routing: str = field(
+        default="row",
+        metadata={"help": "Training routing: 'row' (each row draws its experts, so every expert "
+                  "learns on every step) or 'batch' (one draw per pass, the paper's and official "
+                  "code's; each expert then learns on 1/K of the steps)."},
+    )
+    expert_init: str = field(
+        default="identical",
+        metadata={"help": "'identical' (K copies of one draw: official LoRA experts, "
+                  "NLG/loralib/layers.py deep-copies one LoRA) or 'independent' (one draw each: "
+                  "official adapter experts, drawn by the transformers init)."},
+    )
+    adapter_init: str = field(
+        default="normal",
+        metadata={"help": "Adapter weights: 'normal' (N(0, 0.02) down and up, the transformers init "
+                  "of the official AdaMix adapters) or 'zero-up' (Houlsby's near-identity: up = 0)."},
+    )
+    task_loss_passes: str = field(
+        default="both",
+        metadata={"help": "Task loss on 'both' consistency passes (mean, as R-Drop) or the 'first' "
+                  "only (official GPT-2 AdaMix)."},
     )
     eval_routing: str = field(
         default="merged",
@@ -65,11 +98,15 @@ class AdaMixConfig:
         _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("eval_routing", self.eval_routing, EVAL_ROUTING)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("routing", self.routing, ROUTING)
+        _check_choice("expert_init", self.expert_init, EXPERT_INIT)
+        _check_choice("adapter_init", self.adapter_init, ADAPTER_INIT)
+        _check_choice("task_loss_passes", self.task_loss_passes, TASK_LOSS_PASSES)
         for name in ("num_experts", "rank", "alpha", "bottleneck"):
             _check_positive(name, getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.consistency_weight < 0:
+        if self.consistency_weight is not None and not self.consistency_weight >= 0:
             raise ValueError(f"consistency_weight must be >= 0, got {self.consistency_weight!r}")
         if not 0 <= self.eval_expert < self.num_experts:
             raise ValueError(
@@ -84,6 +121,13 @@ class AdaMixConfig:
     def scale(self) -> float:
         """LoRA output scale alpha / r."""
         return self.alpha / self.rank
+
+    def consistency_weight_for(self, problem: str) -> float:
+        """The consistency weight for a problem type: the configured one, else its default."""
+        _check_choice("problem", problem, PROBLEMS)
+        if self.consistency_weight is not None:
+            return self.consistency_weight
+        return DEFAULT_CONSISTENCY[problem] if self.num_experts > 1 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,9 +23,14 @@ from adamix_zoo.tasks import TaskSpec, get_task
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable, task: TaskSpec, device: torch.device | str | None = None
+    model: nn.Module,
+    loader: Iterable,
+    task: TaskSpec,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
-    """Mean loss and every metric of ``task`` over ``loader`` (model in eval mode, no dropout).
+    """Mean loss and every metric of ``task`` over ``loader`` (model in eval mode, no dropout);
+    ``precision="bf16"`` runs the forward under bfloat16 autocast.
 
     Returns:
         {"loss": ..., <metric>: ...} as plain floats.
@@ -37,7 +42,8 @@ def evaluate(
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(**batch).float()
         if task.problem == "regression":
             loss_sum += F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum").item()
         else:
@@ -89,6 +95,7 @@ def analyze_experts(
     num_random: int = 8,
     seed: int = 0,
     device: torch.device | str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Evaluate the merged adapter, the K fixed single adapters (expert k everywhere) and
     ``num_random`` single adapters drawn at random per projection; the model is restored after.
@@ -110,10 +117,10 @@ def analyze_experts(
 
     def score(state: dict[str, torch.Tensor]) -> float:
         backbone.load_adapter_state_dict(state)
-        return evaluate(model, loader, task, device)[metric]
+        return evaluate(model, loader, task, device, precision)[metric]
 
     try:
-        merged = evaluate(model, loader, task, device)[metric]
+        merged = evaluate(model, loader, task, device, precision)[metric]
         fixed = [score(single_adapter_state(original, k)) for k in range(backbone.config.num_experts)]
         generator = torch.Generator().manual_seed(seed)
         rand = [score(single_adapter_state(original, generator)) for _ in range(num_random)]

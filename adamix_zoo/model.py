@@ -59,7 +59,7 @@ class AdaMixModel(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
-        self.router = Router(config.seed, config.eval_routing, config.eval_expert)
+        self.router = Router(config.seed, config.eval_routing, config.eval_expert, config.routing)
         self.head_modules = self._resolve_heads(head_modules)
         self.target_names = self._inject()
         self._freeze_backbone()

@@ -1,14 +1,22 @@
-"""Fidelity benchmark: does AdaMix beat its base method and full fine-tuning (the paper's claim)?
+"""Fidelity benchmark: does AdaMix beat its base method (the paper's claim), at 1x and 2x budget?
 
-Methods full, lora, adapter, adamix-lora, adamix-adapter on all-MiniLM-L6-v2; tasks rte, mrpc, stsb,
-sst2; seeds 0, 1, 2; one protocol for all (PROTOCOL below, sized for a 2-core CPU). Each finished run
-is appended to bench/results/fidelity_runs.jsonl, so an interrupted benchmark resumes where it
-stopped; the summary goes to bench/results/fidelity.json and the "fidelity" section of
-docs/BENCHMARKS.md.
+all-MiniLM-L6-v2 on rte, mrpc, stsb, sst2 (full train splits, full dev sets); methods full, lora,
+adapter, adamix-lora, adamix-adapter. Stages, run in this order and each resumable (every finished
+run is one line of bench/results/fidelity_runs.jsonl, keyed by its settings and the protocol hash):
 
-    .venv/bin/python bench/fidelity.py            # the full benchmark (60 runs, 2 workers)
-    .venv/bin/python bench/fidelity.py --quick    # a tiny end-to-end check (~1-2 minutes)
-    .venv/bin/python bench/fidelity.py --ablation # STS-B ablations (ABLATIONS below, ~15 minutes)
+1. ``grid``: learning rates per method from LR_GRID, seed GRID_SEED, 1x budget; the rate with the
+   best task average is chosen for that method (and its AdaMix variant shares the grid, not the pick).
+2. ``report``: REPORT_SEEDS at the chosen rates, every method at 1x (BASE_STEPS) and the AdaMix
+   methods plus lora / adapter (the control for "more steps") at 2x.
+3. ``curve``: lora and adamix-lora on stsb and sst2 at CURVE_STEPS, for the budget curve PNG.
+
+``--ablation`` runs ABLATIONS instead: one choice changed at a time, seed GRID_SEED, on ABLATION_TASKS.
+
+    .venv/bin/python bench/fidelity.py                 # all stages (hours on 2 CPU cores; resumable)
+    .venv/bin/python bench/fidelity.py --stage grid    # one stage
+    .venv/bin/python bench/fidelity.py --ablation      # the one-change ablations
+    .venv/bin/python bench/fidelity.py --report-only   # rewrite json, docs and PNG from finished runs
+    .venv/bin/python bench/fidelity.py --quick         # a tiny end-to-end check (~1 minute)
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -28,77 +37,110 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import RESULTS, machine, markdown_table, write_json, write_section
+from bench.report import RESULTS, ROOT, machine, markdown_table, write_json, write_section
 
 TASKS = ("rte", "mrpc", "stsb", "sst2")
 METHODS = ("full", "lora", "adapter", "adamix-lora", "adamix-adapter")
-SEEDS = (0, 1, 2)
-# One protocol for every method, sized for 2 CPU cores (~47 min for 60 runs, 2 workers): a fixed
-# 1,000-row train subset, a fixed dev subset (<= 256 rows), 80 steps of 16 (1.3 epochs), max length 64,
-# two evaluations keeping the best. Learning rates per method family; an AdaMix method uses exactly
-# its base method's settings (the paper's comparison).
+BASE_OF = {"adamix-lora": "lora", "adamix-adapter": "adapter"}
+GRID_SEED = 0
+REPORT_SEEDS = (1, 2, 3)
+BASE_STEPS = 600
+CURVE_STEPS = (150, 300)
+CURVE_TASKS = ("stsb", "sst2")
+# One protocol for every method: full train split, full dev set, batch 16, max length 128 (dynamic
+# padding), AdamW with 6% warmup and linear decay, 4 dev evaluations per run keeping the best (GLUE
+# dev-set practice), the library's defaults for everything else (AdaMixConfig, TrainArgs).
 PROTOCOL: dict[str, Any] = {
     "backbone": "minilm-l6",
-    "train_subset": 1000,
-    "validation_subset": 256,
+    "train_subset": 0,
+    "validation_subset": 0,
     "data_seed": 0,
-    "max_length": 64,
+    "max_length": 128,
     "batch_size": 16,
-    "max_steps": 80,
-    "eval_every": 40,
     "warmup_ratio": 0.06,
-    "num_experts": 4,
-    "rank": 8,
-    "alpha": 16.0,
-    "bottleneck": 16,
-    "sharing": "up",
-    "consistency_weight": 1.0,
-    "analysis_samples": 2,
-    "head_lr": 1e-2,  # the fresh head of every method; it learns slowly at the backbone's 1e-4
+    "head_lr": 1e-2,
+    "analysis_samples": 4,
+    "precision": "bf16",
 }
-LR = {"full": 1e-4, "lora": 3e-3, "adamix-lora": 3e-3, "adapter": 2e-3, "adamix-adapter": 2e-3}
-QUICK = {"tasks": ("sst2",), "seeds": (0,), "train_subset": 200, "validation_subset": 100,
-         "max_steps": 12, "eval_every": 6}
-# STS-B is where AdaMix trails its base method most under PROTOCOL. Two suspects, one ablation each:
-# the consistency loss (a squared difference between passes, for regression), and the short budget
-# (each of K experts is routed ~1/K of the steps). variant -> (protocol changes, methods).
-ABLATION_TASK = "stsb"
-ABLATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "consistency weight 0": ({"consistency_weight": 0.0}, ("adamix-lora",)),
-    "3x steps (240)": ({"max_steps": 240, "eval_every": 120}, ("lora", "adamix-lora")),
+EVALS_PER_RUN = 4
+LR_GRID = {
+    "full": (2e-5, 5e-5, 1e-4),
+    "lora": (5e-4, 1e-3, 2e-3),
+    "adamix-lora": (5e-4, 1e-3, 2e-3),
+    "adapter": (5e-4, 1e-3, 2e-3),
+    "adamix-adapter": (5e-4, 1e-3, 2e-3),
 }
-PAPER = "BERT-base GLUE average: AdaMix 84.5, full fine-tuning 82.7, LoRA 82.2 (Wang et al., 2022)"
+QUICK = {"train_subset": 200, "validation_subset": 64, "max_length": 64}
+# One choice changed at a time against the library default (lr 1e-3): name -> (method, changes).
+ABLATION_TASKS = ("stsb", "sst2")
+ABLATION_LR = 1e-3
+# Each variant names its settings in full, so a later change of the library's defaults cannot
+# change what a stored run means.
+ROW = {"routing": "row", "expert_init": "identical"}
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("lora", {}),
+    "adamix-lora: row routing, identical init": ("adamix-lora", ROW),
+    "routing=batch": ("adamix-lora", ROW | {"routing": "batch"}),
+    "expert_init=independent": ("adamix-lora", ROW | {"expert_init": "independent"}),
+    "routing=batch, expert_init=independent (before)": ("adamix-lora", {"routing": "batch", "expert_init": "independent"}),
+    "consistency_weight=0": ("adamix-lora", ROW | {"consistency_weight": 0.0}),
+    "task_loss_passes=first": ("adamix-lora", ROW | {"task_loss_passes": "first"}),
+    "num_experts=2": ("adamix-lora", ROW | {"num_experts": 2}),
+    "sharing=down": ("adamix-lora", ROW | {"sharing": "down"}),
+    "adapter": ("adapter", {"adapter_init": "normal"}),
+    "adamix-adapter: row routing, identical init": ("adamix-adapter", ROW | {"adapter_init": "normal"}),
+    "adamix-adapter routing=batch, expert_init=independent": (
+        "adamix-adapter", {"routing": "batch", "expert_init": "independent", "adapter_init": "normal"}),
+    "adamix-adapter adapter_init=zero-up": ("adamix-adapter", ROW | {"adapter_init": "zero-up"}),
+}
+PAPER = "BERT-base GLUE average: AdaMix 84.5, Houlsby 83.0, full fine-tuning 82.7, LoRA 82.2 (Wang et al., 2022)"
+LOG = RESULTS / "fidelity_runs.jsonl"
+CURVE_PNG = ROOT / "docs" / "fidelity_budget_curve.png"
 
 
 def protocol_id(protocol: dict[str, Any]) -> str:
-    """A short hash of the protocol and learning rates: runs of another protocol are not reused."""
-    text = json.dumps({"protocol": protocol, "lr": LR}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """A short hash of the shared protocol: runs of another protocol are never reused."""
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_runs(path: Path, pid: str) -> dict[tuple[str, str, int], dict[str, Any]]:
-    runs = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
+def run_key(run: dict[str, Any]) -> str:
+    fields = ("task", "method", "seed", "lr", "max_steps", "variant")
+    return json.dumps([run.get(f) for f in fields])
+
+
+def load_runs(pid: str, log: Path = LOG) -> dict[str, dict[str, Any]]:
+    runs: dict[str, dict[str, Any]] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
             run = json.loads(line)
             if run.get("protocol_id") == pid:
-                runs[(run["task"], run["method"], run["seed"])] = run
+                runs[run_key(run)] = run
     return runs
 
 
-def run_one(task: str, method: str, seed: int, protocol: dict[str, Any], data_dir: str) -> dict[str, Any]:
-    """Train one (task, method, seed); returns its main score x100, analysis and timings."""
+def spec(task: str, method: str, seed: int, lr: float, steps: int, variant: str | None = None,
+         changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"task": task, "method": method, "seed": seed, "lr": lr, "max_steps": steps,
+            "variant": variant, "changes": changes or {}}
+
+
+def run_one(job: dict[str, Any], protocol: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    """Train one job; returns its best dev score x100, the merged-vs-single analysis and timings."""
     from adamix_zoo.training import TrainArgs, train
 
+    steps = job["max_steps"]
     args = TrainArgs(
-        task=task, method=method, seed=seed, data_dir=data_dir, lr=LR[method], save=False,
-        progress=False, analyze_experts=method.startswith("adamix-"), **protocol,
+        task=job["task"], method=job["method"], seed=job["seed"], data_dir=data_dir, lr=job["lr"],
+        max_steps=steps, eval_every=max(1, steps // EVALS_PER_RUN), save=False, progress=False,
+        analyze_experts=job["method"].startswith("adamix-"), **(protocol | job["changes"]),
     )
     wall, cpu = time.perf_counter(), _cpu_seconds()
     result = train(args)
-    run = {"task": task, "method": method, "seed": seed, "metric": result.main_metric,
-           "score": 100 * result.best, "best_step": result.best_step, "metrics": result.best_metrics,
-           "wall_s": time.perf_counter() - wall, "cpu_s": _cpu_seconds() - cpu}
+    run = {k: job[k] for k in ("task", "method", "seed", "lr", "max_steps", "variant")}
+    run |= {"changes": job["changes"], "metric": result.main_metric, "score": 100 * result.best,
+            "best_step": result.best_step, "metrics": result.best_metrics,
+            "curve": [[h["step"], 100 * h["metrics"][result.main_metric]] for h in result.history],
+            "wall_s": time.perf_counter() - wall, "cpu_s": _cpu_seconds() - cpu}
     if result.analysis:
         a = result.analysis
         run["analysis"] = {k: a[k] for k in ("merged", "fixed", "random", "median_single")}
@@ -112,17 +154,33 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one core per worker: better throughput than two threads per run
 
 
-def _execute(todo: list[tuple[str, str, int]], protocol: dict[str, Any], data_dir: str, workers: int):
-    """Yield finished runs; with workers > 1, that many single-threaded processes in parallel."""
+def execute(jobs: list[dict[str, Any]], protocol: dict[str, Any], data_dir: str, workers: int,
+            done: dict[str, dict[str, Any]], log: Path = LOG) -> None:
+    """Run the jobs not yet in ``done``, appending each finished run to ``log`` as it lands."""
+    pid = protocol_id(protocol)
+    todo = [j for j in jobs if run_key(j) not in done]
+    if not todo:
+        return
+    print(f"{len(todo)} runs to do", flush=True)
+
+    def record(run: dict[str, Any]) -> None:
+        run["protocol_id"] = pid
+        with open(log, "a") as f:
+            f.write(json.dumps(run) + "\n")
+        done[run_key(run)] = run
+        print(f"{run['task']:5s} {run['method']:15s} seed {run['seed']} lr {run['lr']:g} "
+              f"{run['max_steps']} steps {run['variant'] or ''}: {run['score']:.2f} "
+              f"({run['cpu_s']:.0f} s cpu)", flush=True)
+
     if workers <= 1:
-        for task, method, seed in todo:
-            yield run_one(task, method, seed, protocol, data_dir)
+        for job in todo:
+            record(run_one(job, protocol, data_dir))
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = [pool.submit(run_one, t, m, s, protocol, data_dir) for t, m, s in todo]
+        futures = [pool.submit(run_one, j, protocol, data_dir) for j in todo]
         for future in as_completed(futures):
-            yield future.result()
+            record(future.result())
 
 
 def _cpu_seconds() -> float:
@@ -134,183 +192,271 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def summarize(runs: list[dict[str, Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
-    """Per-method task averages (mean over seeds per task, then over tasks) and the analysis."""
-    by = {(r["task"], r["method"]): [] for r in runs}
-    for r in runs:
-        by[(r["task"], r["method"])].append(r["score"])
-    summary: dict[str, Any] = {}
+def _find(done: dict[str, dict[str, Any]], *args: Any) -> dict[str, Any] | None:
+    return done.get(run_key(spec(*args)))
+
+
+# -- stages ----------------------------------------------------------------------------------------
+def grid_jobs(tasks: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
+    return [spec(t, m, GRID_SEED, lr, steps) for m in METHODS for lr in LR_GRID[m] for t in tasks]
+
+
+def chosen_lr(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], steps: int) -> dict[str, float]:
+    """Per method, the grid rate with the best task average on GRID_SEED (complete grids only)."""
+    chosen = {}
     for method in METHODS:
-        per_task = [_mean(by[(t, method)]) for t in tasks if by.get((t, method))]
-        complete = len(per_task) == len(tasks)
-        summary[f"{method.replace('-', '_')}_avg"] = _mean(per_task) if complete else None
-    gaps = [r["merged_minus_median"] for r in runs if "merged_minus_median" in r]
-    task_gaps = [_mean([r["merged_minus_median"] for r in runs if r["task"] == t and "merged_minus_median" in r])
-                 for t in tasks]
+        averages = {}
+        for lr in LR_GRID[method]:
+            scores = [r["score"] for t in tasks if (r := _find(done, t, method, GRID_SEED, lr, steps))]
+            if len(scores) == len(tasks):
+                averages[lr] = _mean(scores)
+        if len(averages) == len(LR_GRID[method]):
+            chosen[method] = max(averages, key=averages.get)
+    return chosen
+
+
+def report_jobs(tasks, seeds, lrs: dict[str, float], steps: int) -> list[dict[str, Any]]:
+    jobs = []
+    for seed in seeds:
+        for task in tasks:
+            jobs += [spec(task, m, seed, lrs[m], steps) for m in METHODS if m in lrs]
+            jobs += [spec(task, m, seed, lrs[m], 2 * steps) for m in METHODS if m != "full" and m in lrs]
+    return jobs
+
+
+def curve_jobs(tasks, seeds, lrs: dict[str, float]) -> list[dict[str, Any]]:
+    return [spec(t, m, s, lrs[m], n) for s in seeds for t in tasks if t in CURVE_TASKS
+            for m in ("lora", "adamix-lora") if m in lrs for n in CURVE_STEPS]
+
+
+def ablation_jobs(tasks: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
+    return [spec(t, method, GRID_SEED, ABLATION_LR, steps, variant, changes)
+            for variant, (method, changes) in ABLATIONS.items() for t in tasks]
+
+
+# -- summary -----------------------------------------------------------------------------------------
+def summarize(done, tasks, seeds, lrs: dict[str, float], steps: int) -> dict[str, Any]:
+    """Task averages per method and budget (mean over seeds per task, then over tasks)."""
+
+    def scores(task: str, method: str, n: int) -> list[float]:
+        return [r["score"] for s in seeds if method in lrs and (r := _find(done, task, method, s, lrs[method], n))]
+
+    summary: dict[str, Any] = {}
+    per_task: dict[str, dict[str, float | None]] = {}
+    for method in METHODS:
+        for factor, suffix in ((1, ""), (2, "_2x")):
+            if method == "full" and factor == 2:
+                continue
+            key = f"{method.replace('-', '_')}_avg{suffix}"
+            means = {t: _mean(v) if len(v := scores(t, method, factor * steps)) == len(seeds) else None
+                     for t in tasks}
+            per_task[key] = means
+            summary[key] = _mean(list(means.values())) if None not in means.values() else None
+    stsb = {n: _min(scores("stsb", "adamix-lora", n)) for n in (steps, 2 * steps)}
+    best = max((n for n in stsb if stsb[n] is not None), key=lambda n: _mean(scores("stsb", "adamix-lora", n)),
+               default=None)
+    summary["stsb_adamix_lora_min_seed"] = stsb[best] if best else None
+    summary["stsb_adamix_lora_best_budget"] = best
+    gaps = [r for r in done.values() if "merged_minus_median" in r and r["seed"] in seeds
+            and r["variant"] is None and r["task"] in tasks and lrs.get(r["method"]) == r["lr"]]
+    task_gaps = [_mean([r["merged_minus_median"] for r in gaps if r["task"] == t]) for t in tasks]
     summary["merged_minus_median_expert"] = _mean([g for g in task_gaps if g is not None])
-    summary["merged_minus_median_expert_by_method"] = {
-        m: _mean([r["merged_minus_median"] for r in runs if r["method"] == m and "merged_minus_median" in r])
-        for m in ("adamix-lora", "adamix-adapter")
-    }
-    summary["merged_beats_median_share"] = _mean([float(g > 0) for g in gaps])
-    summary["targets"] = _targets(summary)
+    summary["merged_beats_median_share"] = _mean([float(r["merged_minus_median"] > 0) for r in gaps])
+    summary["per_task"] = per_task
+    summary["targets"] = targets(summary)
     return summary
 
 
-def _targets(s: dict[str, Any]) -> dict[str, bool | None]:
-    def gap(a: str, b: str) -> bool | None:
-        return None if s[a] is None or s[b] is None else s[a] >= s[b] + 0.5
+def _min(values: list[float]) -> float | None:
+    return min(values) if values else None
 
-    mm = s["merged_minus_median_expert"]
+
+def targets(s: dict[str, Any]) -> dict[str, bool | None]:
+    def ge(a: str, b: str, margin: float = 0.0) -> bool | None:
+        return None if s.get(a) is None or s.get(b) is None else s[a] >= s[b] + margin
+
+    mm, stsb = s["merged_minus_median_expert"], s["stsb_adamix_lora_min_seed"]
     return {
-        "adamix_lora_avg >= lora_avg + 0.5": gap("adamix_lora_avg", "lora_avg"),
-        "adamix_adapter_avg >= adapter_avg + 0.5": gap("adamix_adapter_avg", "adapter_avg"),
+        "adamix_lora_avg_2x >= lora_avg + 0.5": ge("adamix_lora_avg_2x", "lora_avg", 0.5),
+        "adamix_lora_avg_2x >= lora_avg_2x": ge("adamix_lora_avg_2x", "lora_avg_2x"),
+        "adamix_adapter_avg_2x >= adapter_avg + 0.5": ge("adamix_adapter_avg_2x", "adapter_avg", 0.5),
+        "adamix_adapter_avg_2x >= adapter_avg_2x": ge("adamix_adapter_avg_2x", "adapter_avg_2x"),
         "merged_minus_median_expert > 0": None if mm is None else mm > 0,
-        "adamix_lora_avg > full_avg": None if s["full_avg"] is None else s["adamix_lora_avg"] > s["full_avg"],
+        "stsb_adamix_lora_min_seed >= 85": None if stsb is None else stsb >= 85,
     }
 
 
-def markdown(runs: list[dict[str, Any]], summary: dict[str, Any], protocol: dict[str, Any],
-             tasks: tuple[str, ...], seeds: tuple[int, ...], command: str, workers: int) -> str:
-    fmt = lambda v: "–" if v is None else f"{v:.2f}"
-    score = {(r["task"], r["method"], r["seed"]): r["score"] for r in runs}
+def fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def grid_table(done, tasks, steps: int) -> str:
+    rows = []
+    for method in METHODS:
+        for lr in LR_GRID[method]:
+            vals = [(r["score"] if (r := _find(done, t, method, GRID_SEED, lr, steps)) else None) for t in tasks]
+            rows.append([method, f"{lr:g}", *map(fmt, vals),
+                         fmt(_mean(vals) if None not in vals else None)])
+    return markdown_table(["method", "lr", *tasks, "average"], rows)
+
+
+def seeds_table(done, tasks, seeds, lrs, steps: int) -> str:
     rows = []
     for task in tasks:
         for method in METHODS:
-            vals = [score.get((task, method, s)) for s in seeds]
-            done = [v for v in vals if v is not None]
-            rows.append([task, method, *map(fmt, vals), fmt(_mean(done)),
-                         fmt(statistics.stdev(done) if len(done) > 1 else None)])
-    per_seed = markdown_table(["task", "method", *[f"seed {s}" for s in seeds], "mean", "sd"], rows)
-    avg = markdown_table(["method", "task average (x100)"],
-                         [[m, fmt(summary[f"{m.replace('-', '_')}_avg"])] for m in METHODS])
-    mm_rows = [[r["task"], r["method"], r["seed"], fmt(100 * r["analysis"]["merged"]),
-                fmt(100 * r["analysis"]["median_single"]), fmt(r["merged_minus_median"])]
-               for r in runs if "analysis" in r]
-    mm = markdown_table(["task", "method", "seed", "merged", "median single", "merged - median"], mm_rows)
-    targets = "\n".join(f"- `{k}`: {'met' if v else ('not met' if v is False else 'n/a')}"
-                        for k, v in summary["targets"].items())
-    times, cpu = [r["wall_s"] for r in runs], [r["cpu_s"] for r in runs]
-    lr = ", ".join(f"{m} {v:g}" for m, v in LR.items())
-    return f"""## Fidelity: AdaMix vs its base methods and full fine-tuning
+            for n in (steps, 2 * steps):
+                if method not in lrs or (method == "full" and n != steps):
+                    continue
+                vals = [(r["score"] if (r := _find(done, task, method, s, lrs[method], n)) else None) for s in seeds]
+                got = [v for v in vals if v is not None]
+                rows.append([task, method, n, *map(fmt, vals), fmt(_mean(got)),
+                             fmt(statistics.stdev(got) if len(got) > 1 else None)])
+    return markdown_table(["task", "method", "steps", *[f"seed {s}" for s in seeds], "mean", "sd"], rows)
 
-Claim under test: {PAPER}. Backbone all-MiniLM-L6-v2 (22.7M parameters), mean-pooling head.
 
-Protocol (one for all methods; `bench/fidelity.py`): fixed train subset of {protocol['train_subset']} rows
-and dev subset of at most {protocol['validation_subset']} rows (data seed {protocol['data_seed']}), max length
-{protocol['max_length']}, batch {protocol['batch_size']}, {protocol['max_steps']} AdamW steps (warmup
-{protocol['warmup_ratio']}, linear decay, clipping 1.0), dev evaluation every {protocol['eval_every']} steps keeping
-the best (GLUE dev-set practice). Learning rates: {lr}; the task head {protocol['head_lr']:g} for all. AdaMix: K={protocol['num_experts']}, up-projection shared,
-consistency weight {protocol['consistency_weight']}, merged experts at evaluation; LoRA r={protocol['rank']} alpha={protocol['alpha']}
-on query/value; adapters bottleneck {protocol['bottleneck']} after each FFN. Scores x100: accuracy (rte, sst2),
-F1 (mrpc), Pearson (stsb). Merged vs single: {protocol['num_experts']} fixed single adapters (expert k
-everywhere) + {protocol['analysis_samples']} drawn per projection, median of these against the merged adapter.
+def ablation_table(done, tasks, steps: int) -> str:
+    rows = []
+    for variant, (method, changes) in ABLATIONS.items():
+        vals = [(r["score"] if (r := _find(done, t, method, GRID_SEED, ABLATION_LR, steps, variant)) else None)
+                for t in tasks]
+        cpu = [r["cpu_s"] for t in tasks if (r := _find(done, t, method, GRID_SEED, ABLATION_LR, steps, variant))]
+        rows.append([variant, *map(fmt, vals), fmt(_mean(vals) if None not in vals else None), fmt(_mean(cpu))])
+    return markdown_table(["variant (one change)", *tasks, "average", "CPU s per run"], rows)
 
-Command: `{command}` ({len(runs)} runs of {fmt(_mean(cpu))} CPU seconds on average, so about
-{fmt(sum(cpu) / 60 / workers)} min with {workers} single-threaded workers on an idle machine; these
-runs shared it with other work, {fmt(_mean(times))} s wall per run; machine: {json.dumps(machine())}).
 
-### Task averages
-{avg}
+def plot_curve(done, seeds, lrs, steps: int) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(set(CURVE_STEPS) | {steps, 2 * steps})
+    fig, axes = plt.subplots(1, len(CURVE_TASKS), figsize=(5 * len(CURVE_TASKS), 3.6))
+    drew = False
+    for ax, task in zip(axes, CURVE_TASKS):
+        for method in ("lora", "adamix-lora"):
+            if method not in lrs:
+                continue
+            xs, ys = [], []
+            for n in budgets:
+                vals = [r["score"] for s in seeds if (r := _find(done, task, method, s, lrs[method], n))]
+                if len(vals) == len(seeds):
+                    xs.append(n)
+                    ys.append(_mean(vals))
+            if xs:
+                ax.plot(xs, ys, marker="o", label=f"{method} (lr {lrs[method]:g})")
+                drew = True
+        ax.set(title=task, xlabel="training steps (batch 16)", ylabel="best dev score x100", xscale="log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.legend()
+    if not drew:
+        plt.close(fig)
+        return None
+    fig.suptitle(f"AdaMix-LoRA vs LoRA by budget, all-MiniLM-L6-v2, mean of seeds {', '.join(map(str, seeds))}")
+    fig.tight_layout()
+    fig.savefig(CURVE_PNG, dpi=110)
+    plt.close(fig)
+    return CURVE_PNG
+
+
+def markdown(done, summary, protocol, tasks, seeds, lrs, steps: int, cpu_total: float) -> str:
+    avg_rows = []
+    for method in METHODS:
+        key = method.replace("-", "_")
+        avg_rows.append([method, fmt(summary.get(f"{key}_avg")), fmt(summary.get(f"{key}_avg_2x"))])
+    target_lines = "\n".join(f"- `{k}`: {'met' if v else ('not met' if v is False else 'pending')}"
+                             for k, v in summary["targets"].items())
+    chosen = ", ".join(f"{m} {v:g}" for m, v in lrs.items()) or "pending (grid not complete)"
+    return f"""## Fidelity: AdaMix against its base methods at 1x and 2x budget
+
+Claim under test: {PAPER}; AdaMix needs 1-2x its base method's steps (paper, limitations).
+Backbone all-MiniLM-L6-v2, mean-pooling head. Protocol (`bench/fidelity.py`, protocol
+`{protocol_id(protocol)}`): full train split, full dev set (rte 277, mrpc 408, stsb 1500, sst2 872 rows),
+batch {protocol['batch_size']}, max length {protocol['max_length']}, 1x = {steps} AdamW steps, 2x = {2 * steps}
+(6% warmup, linear decay), {EVALS_PER_RUN} dev evaluations per run keeping the best, head lr
+{protocol['head_lr']:g}, bf16 autocast. Library defaults otherwise: AdaMix K=4, per-row routing,
+identical expert init, consistency weight 1, LoRA r=8 alpha 16 on query/value, adapters bottleneck 16
+after each FFN. Learning rates: grid {json.dumps({m: list(v) for m, v in LR_GRID.items()})} on seed
+{GRID_SEED} at 1x; chosen (best task average): {chosen}; reported on seeds {', '.join(map(str, seeds))}.
+Scores x100: accuracy (rte, sst2), F1 (mrpc), Pearson (stsb).
+
+Command: `python bench/fidelity.py` ({fmt(cpu_total / 3600)} CPU hours so far, run as 2 single-threaded
+workers; machine: {json.dumps(machine())}).
+
+### Task averages (seeds {', '.join(map(str, seeds))})
+{markdown_table(["method", "1x", "2x"], avg_rows)}
 
 Targets:
-{targets}
+{target_lines}
 
-merged - median single (x100, average over tasks): {fmt(summary['merged_minus_median_expert'])};
-by method: {', '.join(f"{k} {fmt(v)}" for k, v in summary['merged_minus_median_expert_by_method'].items())};
+Merged minus median single adapter (x100, over tasks): {fmt(summary['merged_minus_median_expert'])};
 share of runs where the merged adapter beats the median single adapter: {fmt(summary['merged_beats_median_share'])}.
+STS-B adamix-lora worst seed at its best budget ({summary['stsb_adamix_lora_best_budget']} steps): {fmt(summary['stsb_adamix_lora_min_seed'])}.
+
+![budget curve](fidelity_budget_curve.png)
+
+### Learning-rate grid (seed {GRID_SEED}, 1x)
+{grid_table(done, tasks, steps)}
 
 ### Per seed
-{per_seed}
-
-### Merged adapter vs single adapters
-{mm}
+{seeds_table(done, tasks, seeds, lrs, steps)}
 """
 
 
-def run_ablations(data_dir: str, workers: int) -> dict[str, Any]:
-    """Every ABLATIONS variant on ABLATION_TASK, 3 seeds, next to the PROTOCOL runs of the same."""
-    log = RESULTS / "fidelity_ablation_runs.jsonl"
-    base = load_runs(RESULTS / "fidelity_runs.jsonl", protocol_id(PROTOCOL))
-    rows, results = [], {}
-    for variant, (changes, methods) in ABLATIONS.items():
-        protocol = PROTOCOL | changes
-        pid = protocol_id(protocol)
-        done = load_runs(log, pid)
-        todo = [(ABLATION_TASK, m, s) for s in SEEDS for m in methods if (ABLATION_TASK, m, s) not in done]
-        for run in _execute(todo, protocol, data_dir, workers):
-            run["protocol_id"], run["variant"] = pid, variant
-            with open(log, "a") as f:
-                f.write(json.dumps(run) + "\n")
-            done[(run["task"], run["method"], run["seed"])] = run
-            print(f"{variant}: {run['method']} seed {run['seed']}: {run['score']:.2f}", flush=True)
-        for method in methods:
-            scores = [done[(ABLATION_TASK, method, s)]["score"] for s in SEEDS]
-            before = [base[(ABLATION_TASK, method, s)]["score"] for s in SEEDS if (ABLATION_TASK, method, s) in base]
-            results[f"{variant} / {method}"] = {"mean": _mean(scores), "protocol_mean": _mean(before)}
-            rows.append([variant, method, *[f"{v:.2f}" for v in scores], f"{_mean(scores):.2f}",
-                         f"{_mean(before):.2f}" if before else "–"])
-    table = markdown_table(["variant", "method", *[f"seed {s}" for s in SEEDS], "mean",
-                            "mean under the protocol"], rows)
-    write_json("fidelity_ablation", {"task": ABLATION_TASK, "variants": results, "machine": machine(),
-                                     "command": "python bench/fidelity.py --ablation"})
-    write_section("fidelity-ablation", f"""### Fidelity ablations on STS-B (Pearson x100)
+def write_report(done, protocol, tasks, seeds, steps: int, quick: bool) -> dict[str, Any]:
+    lrs = chosen_lr(done, tasks, steps)
+    summary = summarize(done, tasks, seeds, lrs, steps)
+    cpu_total = sum(r["cpu_s"] for r in done.values() if r["variant"] is None)
+    results = summary | {"protocol": protocol, "protocol_id": protocol_id(protocol), "lr_grid": LR_GRID,
+                         "lr": lrs, "tasks": list(tasks), "seeds": list(seeds), "grid_seed": GRID_SEED,
+                         "steps_1x": steps, "runs": sum(r["variant"] is None for r in done.values()),
+                         "cpu_hours": cpu_total / 3600, "machine": machine(),
+                         "command": "python bench/fidelity.py"}
+    if quick:
+        print(json.dumps(summary, indent=2))
+        return results
+    write_json("fidelity", results)
+    plot_curve(done, seeds, lrs, steps)
+    write_section("fidelity", markdown(done, summary, protocol, tasks, seeds, lrs, steps, cpu_total))
+    ablation_runs = [r for r in done.values() if r["variant"] is not None]
+    if ablation_runs:
+        write_section("fidelity-ablation", f"""### Fidelity ablations (seed {GRID_SEED}, lr {ABLATION_LR:g}, {steps} steps)
 
-Where AdaMix trails most. Each variant changes one thing of the protocol above, same seeds;
-command: `python bench/fidelity.py --ablation`.
+Each row changes one choice against the second row (row routing, identical init, consistency
+weight 1, task loss on both passes, K=4, B shared); command `python bench/fidelity.py --ablation`.
 
-{table}
+{ablation_table(done, ABLATION_TASKS, steps)}
 """)
     return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny protocol, one task and seed")
     parser.add_argument("--data-dir", default=os.environ.get("ADAMIX_DATA_DIR", "../shared/data"))
-    parser.add_argument("--tasks", nargs="+", default=None, help=f"subset of {TASKS}")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None, help="override the protocol's steps")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="runs in parallel, one CPU thread each (default 2: one per core)")
-    parser.add_argument("--ablation", action="store_true", help=f"the {ABLATION_TASK} ablations only")
+    parser.add_argument("--stage", choices=("grid", "report", "curve", "all"), default="all")
+    parser.add_argument("--ablation", action="store_true", help="the one-change ablations only")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from finished runs")
+    parser.add_argument("--quick", action="store_true", help="tiny data and budget, one task, nothing written")
+    parser.add_argument("--workers", type=int, default=2, help="single-threaded runs in parallel")
     opts = parser.parse_args(argv)
-    if opts.ablation:
-        return run_ablations(opts.data_dir, opts.workers)
-    protocol = PROTOCOL | ({k: v for k, v in QUICK.items() if k in PROTOCOL} if opts.quick else {})
-    if opts.max_steps:  # another protocol: earlier runs are not reused
-        protocol |= {"max_steps": opts.max_steps, "eval_every": max(1, opts.max_steps // 2)}
-    tasks = tuple(opts.tasks or (QUICK["tasks"] if opts.quick else TASKS))
-    seeds = tuple(opts.seeds or (QUICK["seeds"] if opts.quick else SEEDS))
-    name = "fidelity_quick" if opts.quick else "fidelity"
-    log = RESULTS / f"{name}_runs.jsonl"
-    pid = protocol_id(protocol)
-    done = load_runs(log, pid)
+    protocol = PROTOCOL | (QUICK if opts.quick else {})
+    tasks, seeds, steps = (("sst2",), (1,), 8) if opts.quick else (TASKS, REPORT_SEEDS, BASE_STEPS)
+    log = Path(tempfile.mkdtemp()) / "quick_runs.jsonl" if opts.quick else LOG
     RESULTS.mkdir(parents=True, exist_ok=True)
-    todo = [(t, m, s) for t in tasks for s in seeds for m in opts.methods if (t, m, s) not in done]
-    for run in _execute(todo, protocol, opts.data_dir, opts.workers):
-        run["protocol_id"] = pid
-        with open(log, "a") as f:  # one line per finished run: an interrupted benchmark resumes
-            f.write(json.dumps(run) + "\n")
-        done[(run["task"], run["method"], run["seed"])] = run
-        print(f"{run['task']:5s} {run['method']:15s} seed {run['seed']}: {run['metric']} "
-              f"{run['score']:.2f} ({run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s cpu)", flush=True)
-    runs = [r for (t, m, s), r in done.items() if t in tasks and s in seeds]
-    summary = summarize(runs, tasks)
-    command = "python bench/fidelity.py" + (" --quick" if opts.quick else "")
-    command += f" --tasks {' '.join(opts.tasks)}" if opts.tasks else ""
-    command += f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds else ""
-    results = summary | {"protocol": protocol, "protocol_id": pid, "lr": LR, "tasks": list(tasks),
-                         "seeds": list(seeds), "runs": len(runs), "machine": machine(),
-                         "mean_run_wall_s": _mean([r["wall_s"] for r in runs]), "command": command}
-    write_json(name, results)
-    text = markdown(runs, summary, protocol, tasks, seeds, command, opts.workers)
-    if opts.quick:
-        print(text)
-    else:
-        write_section("fidelity", text)
-    print(json.dumps({k: v for k, v in summary.items()}, indent=2))
+    done = load_runs(protocol_id(protocol), log)
+    if not opts.report_only:
+        if opts.ablation:
+            execute(ablation_jobs(ABLATION_TASKS, steps), protocol, opts.data_dir, opts.workers, done, log)
+        else:
+            if opts.stage in ("grid", "all"):
+                execute(grid_jobs(tasks, steps), protocol, opts.data_dir, opts.workers, done, log)
+            lrs = chosen_lr(done, tasks, steps)
+            if opts.stage in ("report", "all"):
+                execute(report_jobs(tasks, seeds, lrs, steps), protocol, opts.data_dir, opts.workers, done, log)
+            if opts.stage in ("curve", "all"):
+                execute(curve_jobs(tasks, seeds, lrs), protocol, opts.data_dir, opts.workers, done, log)
+    results = write_report(done, protocol, tasks, seeds, steps, opts.quick)
+    print(json.dumps(results["targets"], indent=2))
     return results
 
 

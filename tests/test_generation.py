@@ -50,7 +50,7 @@ def _train_toy(arch: str, method: str, steps: int = 150):
         batch = collate_lm([features[i] for i in torch.randint(len(features), (16,), generator=g)],
                            tokenizer.pad_token_id)
         model.train()
-        lm_loss(model, batch, model.config.consistency_weight).backward()
+        lm_loss(model, batch, model.config.consistency_weight_for("lm")).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model, tokenizer, features

@@ -126,7 +126,8 @@ def test_method_configs():
     lora = adamix_config(TrainArgs(method="lora"))
     assert (lora.kind, lora.num_experts, lora.consistency_weight) == ("lora", 1, 0.0)
     mix = adamix_config(TrainArgs(method="adamix-adapter", num_experts=3, seed=7))
-    assert (mix.kind, mix.num_experts, mix.consistency_weight, mix.seed) == ("adapter", 3, 1.0, 7)
+    assert (mix.kind, mix.num_experts, mix.consistency_weight, mix.seed) == ("adapter", 3, None, 7)
+    assert mix.consistency_weight_for("classification") == 1.0 and mix.consistency_weight_for("lm") == 1.0
 
 
 @pytest.mark.parametrize(

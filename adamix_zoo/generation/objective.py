@@ -10,9 +10,15 @@ from adamix_zoo.consistency import token_masked_kl, two_routed_passes
 from adamix_zoo.generation.data import IGNORE
 
 
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], consistency_weight: float = 0.0) -> torch.Tensor:
+def lm_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    consistency_weight: float = 0.0,
+    task_loss_passes: str = "first",
+) -> torch.Tensor:
     """Cross-entropy on target tokens; with a weight > 0, a second stochastically routed pass and
     ``w * token_masked_kl`` between the two passes' next-token distributions on target positions.
+    The cross-entropy is the first pass's (official GPT-2 AdaMix) or, with ``"both"``, their mean.
 
     batch: input_ids, attention_mask, labels (batch, seq), labels IGNORE on prompt and padding.
     """
@@ -23,7 +29,8 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], consistency_weight
     # logits at position t predict token t + 1: the loss and the KL count target positions only
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
+    passes = (first, second) if task_loss_passes == "both" else (first,)
     ce = sum(F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-             for lg in (first, second))
+             for lg in passes) / len(passes)
     consistency = token_masked_kl(first[:, :-1], second[:, :-1], mask)
-    return 0.5 * ce + consistency_weight * consistency
+    return ce + consistency_weight * consistency

@@ -39,7 +39,7 @@ from adamix_zoo.io import (
 )
 from adamix_zoo.model import AdaMixModel
 from adamix_zoo.plots import plot_curve
-from adamix_zoo.training import select_device, seed_everything
+from adamix_zoo.training import PRECISIONS, autocast, resolve_precision, select_device, seed_everything
 
 METHODS = {  # method -> (kind, mixture?)
     "lora": ("lora", False),
@@ -63,7 +63,13 @@ class GenerationArgs:
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (official NLG setup: 32)."})
     bottleneck: int = field(default=16, metadata={"help": "Adapter bottleneck size."})
     sharing: str = field(default="up", metadata={"help": "Shared projection: up, down or none."})
-    consistency_weight: float = field(default=1.0, metadata={"help": "Token-masked KL weight (adamix)."})
+    consistency_weight: float | None = field(
+        default=None, metadata={"help": "Token-masked KL weight (adamix); None: the lm default of AdaMixConfig (official GPT-2: 100)."})
+    task_loss_passes: str = field(
+        default="first", metadata={"help": "Cross-entropy on the first pass (official GPT-2) or both."})
+    routing: str = field(default="row", metadata={"help": "Training routing: row or batch."})
+    expert_init: str = field(default="identical", metadata={"help": "identical or independent experts."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), bf16 or fp32."})
     train_size: int = field(default=2000, metadata={"help": "Training (source, reference) pairs used."})
     eval_size: int = field(default=100, metadata={"help": "Distinct validation sources scored."})
     max_length: int = field(default=96, metadata={"help": "Tokens of prompt + target kept."})
@@ -84,6 +90,9 @@ class GenerationArgs:
         for name in ("train_size", "eval_size", "max_length", "batch_size", "steps", "num_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.adamix_config()  # the mixture fields are validated by AdaMixConfig
 
     def adamix_config(self) -> AdaMixConfig:
         kind, mixture = METHODS[self.method]
@@ -91,6 +100,7 @@ class GenerationArgs:
             kind=kind, num_experts=self.num_experts if mixture else 1, rank=self.rank, alpha=self.alpha,
             bottleneck=self.bottleneck, sharing=self.sharing, seed=self.seed,
             consistency_weight=self.consistency_weight if mixture else 0.0,
+            task_loss_passes=self.task_loss_passes, routing=self.routing, expert_init=self.expert_init,
         )
 
 
@@ -108,7 +118,8 @@ def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, devic
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * args.steps), args.steps)
-    weight = model.config.consistency_weight
+    weight = model.config.consistency_weight_for("lm")
+    precision = resolve_precision(args.precision, device)
     records, batches = [], iter(())
     model.train()
     for step in tqdm(range(1, args.steps + 1), desc=f"{args.method} {args.task}", leave=False):
@@ -116,7 +127,9 @@ def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, devic
         if batch is None:
             batches = iter(loader)
             batch = next(batches)
-        loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()}, weight)
+        with autocast(device, precision):
+            loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()}, weight,
+                           model.config.task_loss_passes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()

@@ -24,6 +24,7 @@ def build_layer(base_layer: nn.Module, config: AdaMixConfig, router: Router) -> 
             sharing=config.sharing,
             dropout=config.dropout,
             router=router,
+            expert_init=config.expert_init,
         )
     return MixtureOfAdapters(
         base_layer,
@@ -33,6 +34,8 @@ def build_layer(base_layer: nn.Module, config: AdaMixConfig, router: Router) -> 
         activation=config.activation,
         dropout=config.dropout,
         router=router,
+        expert_init=config.expert_init,
+        init=config.adapter_init,
     )
 
 

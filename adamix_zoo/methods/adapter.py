@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adamix_zoo.methods.lora import linear_dims
-from adamix_zoo.routing import Router, grouped_delta, select
+from adamix_zoo.routing import Router, grouped_delta, routed_linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
@@ -30,6 +30,8 @@ class MixtureOfAdapters(nn.Module):
         activation: str,
         dropout: float,
         router: Router,
+        expert_init: str = "independent",
+        init: str = "normal",
     ) -> None:
         super().__init__()
         _, d, _ = linear_dims(base_layer)
@@ -41,10 +43,12 @@ class MixtureOfAdapters(nn.Module):
         k_down = 1 if sharing == "down" else num_experts
         k_up = 1 if sharing == "up" else num_experts
         weight = base_layer.weight
-        # Near-identity start (Houlsby): small random down-projection, zero up-projection.
-        self.adamix_down_weight = nn.Parameter(weight.new_empty(k_down, bottleneck, d).normal_(0, 0.02))
+        # init "normal": N(0, 0.02) down and up, the transformers init the official AdaMix adapters
+        # get; "zero-up": Houlsby's near-identity start (up = 0). Biases start at 0.
+        self.adamix_down_weight = nn.Parameter(_draw(weight, (k_down, bottleneck, d), expert_init))
         self.adamix_down_bias = nn.Parameter(weight.new_zeros(k_down, bottleneck))
-        self.adamix_up_weight = nn.Parameter(weight.new_zeros(k_up, d, bottleneck))
+        up = _draw(weight, (k_up, d, bottleneck), expert_init)
+        self.adamix_up_weight = nn.Parameter(up if init == "normal" else torch.zeros_like(up))
         self.adamix_up_bias = nn.Parameter(weight.new_zeros(k_up, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,12 +57,11 @@ class MixtureOfAdapters(nn.Module):
 
     def _delta(self, h: torch.Tensor) -> torch.Tensor:
         """One routed pass of the bottleneck: U act(D h + b_D) + b_U."""
-        down = self.router.choose(len(self.adamix_down_weight), self.training)
-        up = self.router.choose(len(self.adamix_up_weight), self.training)
-        z = F.linear(
-            self.dropout(h), select(self.adamix_down_weight, down), select(self.adamix_down_bias, down)
-        )
-        return F.linear(self.act(z), select(self.adamix_up_weight, up), select(self.adamix_up_bias, up))
+        rows = h.shape[0]
+        down = self.router.choose(len(self.adamix_down_weight), self.training, rows)
+        up = self.router.choose(len(self.adamix_up_weight), self.training, rows)
+        z = routed_linear(self.dropout(h), self.adamix_down_weight, self.adamix_down_bias, down)
+        return routed_linear(self.act(z), self.adamix_up_weight, self.adamix_up_bias, up)
 
     @torch.no_grad()
     def merge_experts(self) -> None:
@@ -67,3 +70,10 @@ class MixtureOfAdapters(nn.Module):
             param = getattr(self, name)
             merged = nn.Parameter(param.mean(dim=0, keepdim=True), requires_grad=param.requires_grad)
             setattr(self, name, merged)
+
+
+def _draw(like: torch.Tensor, shape: tuple[int, ...], expert_init: str) -> torch.Tensor:
+    """N(0, 0.02) experts (K, ...): one draw copied K times ("identical") or K draws."""
+    if expert_init == "identical":
+        return like.new_empty(1, *shape[1:]).normal_(0, 0.02).expand(shape).clone()
+    return like.new_empty(shape).normal_(0, 0.02)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adamix_zoo.routing import Router, grouped_delta, select
+from adamix_zoo.routing import Router, grouped_delta, routed_linear
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
@@ -39,6 +39,7 @@ class MixtureOfLoRA(nn.Module):
         sharing: str,
         dropout: float,
         router: Router,
+        expert_init: str = "identical",
     ) -> None:
         super().__init__()
         d_in, d_out, self.fan_in_fan_out = linear_dims(base_layer)
@@ -52,8 +53,13 @@ class MixtureOfLoRA(nn.Module):
         weight = base_layer.weight
         self.adamix_lora_A = nn.Parameter(weight.new_empty(k_a, rank, d_in))
         self.adamix_lora_B = nn.Parameter(weight.new_zeros(k_b, d_out, rank))
-        for expert in self.adamix_lora_A.data:  # PEFT's default init; B = 0 so the delta starts at 0
+        # PEFT's default init; B = 0 so the delta starts at 0. "identical" copies one draw into every
+        # expert (official loralib deep-copies one LoRA), so the experts are averaged around a common
+        # start; "independent" draws each.
+        for expert in self.adamix_lora_A.data[: 1 if expert_init == "identical" else k_a]:
             nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+        if expert_init == "identical":
+            self.adamix_lora_A.data[1:] = self.adamix_lora_A.data[:1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -63,9 +69,12 @@ class MixtureOfLoRA(nn.Module):
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         """One routed pass of the experts: x (batch, ..., d_in) -> (batch, ..., d_out)."""
-        a = select(self.adamix_lora_A, self.router.choose(len(self.adamix_lora_A), self.training))
-        b = select(self.adamix_lora_B, self.router.choose(len(self.adamix_lora_B), self.training))
-        return F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scale
+        a, b = self.adamix_lora_A, self.adamix_lora_B
+        z = routed_linear(self.dropout(x).to(a.dtype), a, None, self._choose(len(a), x))  # (..., r)
+        return routed_linear(z, b, None, self._choose(len(b), x)) * self.scale
+
+    def _choose(self, num_experts: int, x: torch.Tensor):
+        return self.router.choose(num_experts, self.training, rows=x.shape[0])
 
     @torch.no_grad()
     def merge_experts(self) -> None:
