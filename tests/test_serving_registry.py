@@ -6,6 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from adamix_zoo.serving import ServingEngine
+from adamix_zoo.serving.commands import registry_resolver
 from adamix_zoo.serving.server import ServerSettings, create_app
 from tests.test_serving_utils import RunningServer, sentence, tiny_tokenizer
 from tests.tiny import tiny_model
@@ -62,7 +63,7 @@ def test_entries_and_merged_entry_in_one_mixed_batch(store):
 
 def test_load_by_reference_over_http(store):
     engine = ServingEngine(tiny_model("bert", head="base"), tiny_tokenizer())
-    settings = ServerSettings(registry_root=str(store.root))
+    settings = ServerSettings(resolve_reference=registry_resolver(str(store.root)))
     with RunningServer(create_app(engine, settings)) as server:
         loaded = httpx.post(f"{server.url}/v1/tasks/load", json={"reference": "local/pair@1"})
         assert loaded.status_code == 200, loaded.text

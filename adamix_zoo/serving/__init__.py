@@ -6,14 +6,11 @@
   uvicorn); imported from its module so that the engine alone never needs FastAPI.
 """
 
-from adamix_zoo.serving.adapters import TaskAdapter, read_task_adapter
-from adamix_zoo.serving.engine import (
-    InputError,
-    Prediction,
-    ServingEngine,
-    TaskInfo,
-    UnknownTaskError,
-)
+from adamix_zoo.serving.codec import Prediction
+from adamix_zoo.serving.engine import ServingEngine
+from adamix_zoo.serving.errors import InputError, UnknownTaskError
+from adamix_zoo.serving.residency import TaskInfo
+from adamix_zoo.serving.task_folders import TaskAdapter, read_task_adapter
 
 __all__ = [
     "InputError",

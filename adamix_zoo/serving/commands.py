@@ -11,6 +11,7 @@ import typer
 
 if TYPE_CHECKING:
     from adamix_zoo.serving.engine import ServingEngine
+    from adamix_zoo.serving.server import ReferenceResolver
 
 # Options shared by the three verbs.
 Tasks = Annotated[
@@ -60,14 +61,14 @@ def _engine(
 ) -> ServingEngine:
     """Load the backbone once and attach every task folder and registry entry."""
     from adamix_zoo.serving.engine import ServingEngine
-    from adamix_zoo.serving.server import resolve_reference
 
     engine = ServingEngine.from_pretrained(backbone, device=device, **kwargs)
     sources = []
     for spec in task:
         name, sep, path = spec.partition("=")
         sources.append((Path(path), name) if sep else (Path(spec), None))
-    sources += [(resolve_reference(ref, registry), None) for ref in entry]
+    resolve = registry_resolver(registry)
+    sources += [(resolve(ref), None) for ref in entry]
     for folder, name in sources:
         for info in engine.attach_all(folder, task=name):
             typer.echo(
@@ -76,6 +77,26 @@ def _engine(
                 err=True,
             )
     return engine
+
+
+def registry_resolver(root: str | None = None) -> ReferenceResolver:
+    """A resolver of registry references (``namespace/task@version``) -> verified entry folders,
+    in the store at ``root`` (default: the registry's home), for the engine and the server.
+
+    The resolver raises ValueError when the registry package is not installed or the entry fails
+    verification, and KeyError (the registry's EntryNotFoundError) when there is no such entry.
+    """
+
+    def resolve(reference: str) -> Path:
+        try:
+            from registry import Store  # optional: adamix_zoo never needs the registry
+        except ImportError as err:
+            raise ValueError(
+                f"loading by registry reference needs the registry package ({err}); give a path"
+            ) from err
+        return Store(root).get(reference)
+
+    return resolve
 
 
 def _task_inputs(inputs: list[str]) -> list[tuple[str, str]]:
@@ -141,7 +162,9 @@ def serve(
         )
     except (KeyError, ValueError) as err:
         raise _bad_parameter(err) from None
-    settings = ServerSettings(max_batch_size, max_wait_ms, max_inputs, allow_load, registry)
+    settings = ServerSettings(
+        max_batch_size, max_wait_ms, max_inputs, allow_load, registry_resolver(registry)
+    )
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
 
 

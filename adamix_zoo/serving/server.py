@@ -12,6 +12,7 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,34 +24,35 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from adamix_zoo.serving.batcher import DynamicBatcher
-from adamix_zoo.serving.engine import (
-    MAX_BEAMS,
-    FingerprintMismatchError,
-    Generated,
-    InputError,
-    Prediction,
-    ServingEngine,
-    UnknownTaskError,
-)
+from adamix_zoo.serving.codec import MAX_BEAMS, Generated, Prediction
+from adamix_zoo.serving.engine import ServingEngine
+from adamix_zoo.serving.errors import FingerprintMismatchError, InputError, UnknownTaskError
+from adamix_zoo.serving.residency import TaskInfo
+
+# A registry reference (e.g. ``namespace/task@version``) -> its local entry folder. Raises KeyError
+# when there is no such entry, ValueError when it cannot be used. The CLI builds one from the
+# registry (``commands.registry_resolver``); serving itself never imports the registry.
+ReferenceResolver = Callable[[str], Path]
 
 
 @dataclass
 class ServerSettings:
-    """Batching and request limits.
+    """Batching, request limits and loading.
 
     Args:
         max_batch_size: rows per mixed-task forward pass.
         max_wait_ms: how long a request may wait for others to share its batch.
         max_inputs: the most inputs one request may send.
         allow_load: whether ``/v1/tasks/load`` and ``/unload`` are enabled (they read server paths).
-        registry_root: the registry store for ``reference`` loads (default: the registry's home).
+        resolve_reference: turns a ``reference`` of ``/v1/tasks/load`` into a folder; None: the
+            server loads by path only.
     """
 
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_inputs: int = 64
     allow_load: bool = True
-    registry_root: str | None = None
+    resolve_reference: ReferenceResolver | None = None
 
 
 # -- request and response bodies ---------------------------------------------------------------------
@@ -99,20 +101,8 @@ class GenerateResponse(BaseModel):
     outputs: list[str]
 
 
-class TaskOut(BaseModel):
-    task: str
-    kind: str
-    problem: str = Field(description="classification, regression or lm (a generation task).")
-    version: str
-    num_labels: int
-    label_names: list[str] | None
-    source: str
-    resident: bool
-    base_model: str | None
-
-
 class TasksResponse(BaseModel):
-    tasks: list[TaskOut]
+    tasks: list[TaskInfo] = Field(description="problem: classification, regression or lm.")
 
 
 class LoadRequest(BaseModel):
@@ -238,7 +228,7 @@ def _add_task_routes(app: FastAPI, engine: ServingEngine, settings: ServerSettin
         """Every attached task: kind, version, labels, source folder, whether it is in memory."""
         # In a thread: the engine's lock is held while a batch runs, and the loop must not wait.
         infos = await asyncio.get_running_loop().run_in_executor(None, engine.tasks)
-        return TasksResponse(tasks=[TaskOut(**t.to_dict()) for t in infos])
+        return TasksResponse(tasks=infos)
 
     @app.post("/v1/tasks/load", response_model=TasksResponse, tags=["tasks"])
     async def load(body: LoadRequest) -> TasksResponse:
@@ -249,17 +239,19 @@ def _add_task_routes(app: FastAPI, engine: ServingEngine, settings: ServerSettin
                 "give exactly one of 'path' (a task folder) or 'reference' (a registry entry)"
             )
         loop = asyncio.get_running_loop()
-        folder = (
-            Path(body.path)
-            if body.path is not None
-            else await loop.run_in_executor(
-                None, resolve_reference, body.reference, settings.registry_root
+        if body.path is not None:
+            folder = Path(body.path)
+        elif settings.resolve_reference is None:
+            raise NoResolverError(
+                "this server cannot resolve registry references (it was started without a "
+                "registry): give 'path', a task folder on the server"
             )
-        )
+        else:
+            folder = await loop.run_in_executor(None, settings.resolve_reference, body.reference)
         infos = await loop.run_in_executor(
             None, lambda: engine.attach_all(folder, body.task, body.label_names, body.head)
         )
-        return TasksResponse(tasks=[TaskOut(**i.to_dict()) for i in infos])
+        return TasksResponse(tasks=infos)
 
     @app.post("/v1/tasks/{task}/unload", response_model=UnloadResponse, tags=["tasks"])
     async def unload(task: str) -> UnloadResponse:
@@ -273,27 +265,15 @@ class LoadDisabledError(PermissionError):
     """Loading and unloading are switched off for this server."""
 
 
+class NoResolverError(ValueError):
+    """A load by registry reference on a server that was given no reference resolver."""
+
+
 def _require_load(settings: ServerSettings) -> None:
     if not settings.allow_load:
         raise LoadDisabledError(
             "loading and unloading tasks is disabled on this server (--no-allow-load)"
         )
-
-
-def resolve_reference(reference: str, root: str | None = None) -> Path:
-    """A registry reference (``namespace/task@version``) -> its verified entry folder.
-
-    Raises:
-        ValueError: the registry package is not installed, or the entry fails verification.
-        KeyError: no such entry (the registry's EntryNotFoundError).
-    """
-    try:
-        from registry import Store  # optional: adamix_zoo never needs the registry
-    except ImportError as err:
-        raise ValueError(
-            f"loading by registry reference needs the registry package ({err}); give a path"
-        ) from err
-    return Store(root).get(reference)
 
 
 def latency_summary(values: list[float]) -> dict[str, float | int]:

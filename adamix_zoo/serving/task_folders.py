@@ -5,8 +5,8 @@ A task folder is what ``adamix_zoo.io.save_merged`` writes (``adapter_model.safe
 (``adamix_zoo.heads.save_head``) and optionally ``adamix.json`` (label names, base model
 fingerprint, task, version). A generation task (``"problem": "lm"`` in ``adamix.json``) has no
 head: the causal LM's own output layer answers, and its ``prompt_template`` says how to build the
-prompt. Nothing here touches the backbone: the engine checks shapes and fingerprints when it
-attaches the adapter.
+prompt. Nothing here touches the backbone: ``compatibility`` checks shapes and fingerprints when
+the engine attaches the adapter. The task-name rule is serving's own copy, isolated in one block.
 """
 
 from __future__ import annotations
@@ -31,15 +31,9 @@ from adamix_zoo.io import (
     read_safetensors,
 )
 
-# The registry's naming rule ('+' names cross-task merged entries such as sst2+rte).
+# -- serving's copy of the registry's naming rule (to be replaced by the shared formats module) ------
+# '+' names cross-task merged entries such as sst2+rte.
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-# PEFT saves "<prefix><module>.lora_A.weight"; some tools keep the adapter name before ".weight".
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
-)
-_ADAPTER_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.adapter_(?P<proj>down|up)\.(?P<param>weight|bias)$"
-)
 
 
 def check_task_name(name: str) -> str:
@@ -56,6 +50,16 @@ def check_task_name(name: str) -> str:
     return name
 
 
+# -- merged adapter tensors ----------------------------------------------------------------------------
+# PEFT saves "<prefix><module>.lora_A.weight"; some tools keep the adapter name before ".weight".
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$"
+)
+_ADAPTER_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.adapter_(?P<part>(?:down|up)\.(?:weight|bias))$"
+)
+
+
 @dataclass
 class LoRAWeights:
     """One adapted projection: A (r, d_in), B (d_out, r) and the scale alpha / r."""
@@ -66,8 +70,8 @@ class LoRAWeights:
 
 
 @dataclass
-class BottleneckWeights:
-    """One bottleneck adapter on a projection's output: h + up(act(down(h)))."""
+class AdapterWeights:
+    """One Houlsby (bottleneck) adapter on a projection's output: h + up(act(down(h)))."""
 
     down_weight: torch.Tensor  # (m, d)
     down_bias: torch.Tensor  # (m,)
@@ -85,7 +89,7 @@ class TaskAdapter:
     source: Path
     head: ClassificationHead | None  # None: a generation task (the LM head answers)
     lora: dict[str, LoRAWeights] = field(default_factory=dict)
-    bottleneck: dict[str, BottleneckWeights] = field(default_factory=dict)
+    adapters: dict[str, AdapterWeights] = field(default_factory=dict)  # kind "adapter"
     label_names: list[str] | None = None
     version: str = ""
     base_fingerprint: str | None = None
@@ -95,7 +99,7 @@ class TaskAdapter:
 
     @property
     def modules(self) -> list[str]:
-        return sorted(self.lora) + sorted(self.bottleneck)
+        return sorted(self.lora) + sorted(self.adapters)
 
     @property
     def generates(self) -> bool:
@@ -235,6 +239,25 @@ def _version(metadata: dict[str, Any], weights: Path) -> str:
     return "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
+def _by_module(
+    tensors: dict[str, torch.Tensor], key: re.Pattern[str], what: str, where: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensors grouped by the module their key names, each under its ``part`` (e.g. "A", "up_bias").
+
+    Raises:
+        ValueError: a key that ``key`` does not match (only adapter tensors can be served).
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = key.match(name)
+        if match is None:
+            raise ValueError(
+                f"{where}: tensor {name!r} is not {what} weight; only adapter tensors can be served"
+            )
+        parts.setdefault(match["module"], {})[match["part"].replace(".", "_")] = tensor
+    return parts
+
+
 def _lora_tensors(
     tensors: dict[str, torch.Tensor], config: dict[str, Any], where: Path
 ) -> dict[str, LoRAWeights]:
@@ -243,14 +266,7 @@ def _lora_tensors(
             raise ValueError(f"{where}: LoRA {option} is not supported by the serving engine")
     if config.get("use_dora"):
         raise ValueError(f"{where}: DoRA adapters are not supported by the serving engine")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise ValueError(
-                f"{where}: tensor {key!r} is not a LoRA A/B weight; only adapter tensors can be served"
-            )
-        parts.setdefault(match["module"], {})[match["ab"]] = tensor
+    parts = _by_module(tensors, _LORA_KEY, "a LoRA A/B", where)
     alpha = float(config["lora_alpha"])
     out = {}
     for module, ab in parts.items():
@@ -264,23 +280,19 @@ def _lora_tensors(
     return out
 
 
-def _bottleneck_tensors(
+def _adapter_tensors(
     tensors: dict[str, torch.Tensor], config: dict[str, Any], where: Path
-) -> dict[str, BottleneckWeights]:
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _ADAPTER_KEY.match(key)
-        if match is None:
-            raise ValueError(
-                f"{where}: tensor {key!r} is not an adapter weight; only adapter tensors can be served"
-            )
-        parts.setdefault(match["module"], {})[f"{match['proj']}_{match['param']}"] = tensor.float()
+) -> dict[str, AdapterWeights]:
+    parts = {
+        module: {name: t.float() for name, t in p.items()}
+        for module, p in _by_module(tensors, _ADAPTER_KEY, "an adapter", where).items()
+    }
     needed = {"down_weight", "down_bias", "up_weight", "up_bias"}
     out = {}
     for module, p in parts.items():
         if set(p) != needed:
             raise ValueError(f"{where}: module {module} misses {sorted(needed - set(p))}")
-        out[module] = BottleneckWeights(**p, activation=config.get("activation", "gelu"))
+        out[module] = AdapterWeights(**p, activation=config.get("activation", "gelu"))
     return out
 
 
@@ -343,9 +355,9 @@ def read_task_adapter(
         ),
     )
     if config["peft_type"] == ADAPTER_PEFT_TYPE:
-        adapter.bottleneck = _bottleneck_tensors(tensors, config, weights)
+        adapter.adapters = _adapter_tensors(tensors, config, weights)
     else:
         adapter.lora = _lora_tensors(tensors, config, weights)
-    if not adapter.lora and not adapter.bottleneck:
+    if not adapter.lora and not adapter.adapters:
         raise ValueError(f"{weights} holds no adapter tensors")
     return adapter

@@ -1,0 +1,18 @@
+"""The errors serving raises for a request or an adapter it refuses (the server maps them to 4xx)."""
+
+from __future__ import annotations
+
+
+class UnknownTaskError(KeyError):
+    """A request names a task that is not attached."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class FingerprintMismatchError(ValueError):
+    """An adapter was trained on other base weights than this backbone's."""
+
+
+class InputError(ValueError):
+    """A request input the engine refuses (too long, empty, wrong shape, wrong kind of task)."""
