@@ -1,5 +1,6 @@
 """Serving verbs: ``serve`` (HTTP, FastAPI + uvicorn), and ``predict`` / ``generate`` (one offline
-mixed-task batch each)."""
+mixed-task batch each). The one serving module that may import the registry (lazily): it builds
+the reference resolver (``registry_resolver``) that the server is handed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     from adamix_zoo.serving.engine import ServingEngine
     from adamix_zoo.serving.server import ReferenceResolver
 
-# Options shared by the three verbs.
+# Options shared by the verbs.
 Tasks = Annotated[
     list[str],
     typer.Option(
@@ -36,6 +37,7 @@ Registry = Annotated[
 Device = Annotated[
     str | None, typer.Option(help="cpu or cuda (default: cuda when available).")
 ]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")]
 LM = Annotated[
     bool,
     typer.Option(
@@ -176,7 +178,7 @@ def predict(
     entry: Entries = [],  # noqa: B006
     backbone: Backbone = "minilm-l6",
     registry: Registry = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
+    as_json: AsJson = False,
     device: Device = None,
 ) -> None:
     """Answer inputs of several tasks in ONE mixed-task forward pass of one backbone (no server).
@@ -227,7 +229,7 @@ def generate(
     registry: Registry = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per input.")] = 64,
     num_beams: Annotated[int, typer.Option(help="1: greedy; more: beam search.")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per input.")] = False,
+    as_json: AsJson = False,
     device: Device = None,
 ) -> None:
     """Generate for inputs of several generation tasks in ONE batch on one causal LM (no server).
