@@ -171,6 +171,12 @@ class MultiTaskLayer(nn.Module):
         return out
 
 
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of each row's token states over its unpadded tokens: (B, T, d), (B, T) -> (B, d)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 @dataclass
 class HeadBank:
     """Every slot's classification head, padded to the most labels: W (slots, L, d), b (slots, L)."""
@@ -188,8 +194,7 @@ class HeadBank:
         uniform: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, T, d), mask (B, T), slots (B,) -> (logits (B, L), mean-pooled states (B, d))."""
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        mean = masked_mean(hidden, attention_mask)
         pooled = torch.where(
             self.cls_pooling.index_select(0, slots).unsqueeze(1), hidden[:, 0], mean
         )
@@ -243,9 +248,7 @@ class TaskBanks:
         Without any head (only backbone rows, nothing resident) the logits are (B, 1) zeros.
         """
         if self.heads is None:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            return hidden.new_zeros(len(slots), 1), pooled
+            return hidden.new_zeros(len(slots), 1), masked_mean(hidden, attention_mask)
         uniform = slots[0] if all(s == slots[0] for s in slots) else None
         slot_tensor = torch.tensor(slots, device=self.device)
         return self.heads.apply(hidden, attention_mask, slot_tensor, uniform)
