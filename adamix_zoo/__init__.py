@@ -2,7 +2,8 @@
 
 from adamix_zoo.config import AdaMixConfig
 from adamix_zoo.consistency import consistency_loss
-from adamix_zoo.io import load_experts, load_merged, save_experts, save_merged
+from adamix_zoo.formats.experts import load_experts, save_experts
+from adamix_zoo.formats.merged import load_merged, save_merged
 from adamix_zoo.model import AdaMixModel
 
 __all__ = [

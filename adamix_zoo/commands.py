@@ -1,7 +1,9 @@
 """CLI verbs of the core package: ``train`` and ``eval``. Each is registered onto the main app.
 
-Option help and defaults come from ``TrainArgs`` (one source of truth); heavy imports stay inside
-the command functions so ``adamix-zoo --help`` is fast.
+Option help and defaults come from ``TrainArgs`` and ``AdaMixConfig`` (one source of truth); an
+option whose default differs between the GLUE and the data-to-text recipe defaults to None, which
+each recipe reads as its own default. Heavy imports stay inside the command functions so
+``adamix-zoo --help`` is fast.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ from typing import Any
 
 import typer
 
-from adamix_zoo.training import TrainArgs
+from adamix_zoo.config import AdaMixConfig
+from adamix_zoo.recipes.glue import TrainArgs
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainArgs)}
+_MIXTURE = {f.name: f for f in dataclasses.fields(AdaMixConfig)}
+_GLUE_ADAMIX = _FIELDS["adamix"].default_factory()
+# Options whose default differs between the recipes: None on the command line, each recipe's own.
+_RECIPE_DEFAULT = ("batch_size", "max_length", "weight_decay", "num_experts", "rank", "alpha", "bottleneck",
+                   "sharing")
 
 
 def _opt(name: str, *flags: str, **kw: Any) -> Any:
-    """A typer option whose default and help are TrainArgs' own."""
-    f = _FIELDS[name]
-    return typer.Option(f.default, *flags, help=f.metadata["help"], **kw)
+    """A typer option whose default and help are TrainArgs' (or AdaMixConfig's) own."""
+    f = _FIELDS.get(name) or _MIXTURE[name]
+    default = f.default if name in _FIELDS else getattr(_GLUE_ADAMIX, name)
+    if name in _RECIPE_DEFAULT:
+        text = f"{f.metadata['help']} Default: {default} for GLUE; the data-to-text recipe's own (GenerationArgs)."
+        return typer.Option(None, *flags, help=text, **kw)
+    return typer.Option(default, *flags, help=f.metadata["help"], **kw)
 
 
 TRAIN_HELP = """Train one method on one task (GLUE or data-to-text) and write the output folder.
@@ -69,24 +81,24 @@ def train_command(
     data_seed: int = _opt("data_seed"),
     max_steps: int = _opt("max_steps"),
     epochs: float = _opt("epochs"),
-    batch_size: int = _opt("batch_size"),
+    batch_size: int | None = _opt("batch_size"),
     eval_batch_size: int = _opt("eval_batch_size"),
     lr: float | None = _opt("lr"),
     head_lr: float | None = _opt("head_lr"),
-    weight_decay: float = _opt("weight_decay"),
+    weight_decay: float | None = _opt("weight_decay"),
     warmup_ratio: float = _opt("warmup_ratio"),
     max_grad_norm: float = _opt("max_grad_norm"),
-    max_length: int = _opt("max_length"),
+    max_length: int | None = _opt("max_length"),
     train_subset: int = _opt("train_subset"),
     validation_subset: int = _opt("validation_subset"),
     few_shot: int = _opt("few_shot"),
     eval_every: int = _opt("eval_every"),
-    num_experts: int = _opt("num_experts"),
-    rank: int = _opt("rank"),
-    alpha: float = _opt("alpha"),
-    bottleneck: int = _opt("bottleneck"),
-    sharing: str = _opt("sharing"),
-    consistency_weight: float = _opt("consistency_weight"),
+    num_experts: int | None = _opt("num_experts"),
+    rank: int | None = _opt("rank"),
+    alpha: float | None = _opt("alpha"),
+    bottleneck: int | None = _opt("bottleneck"),
+    sharing: str | None = _opt("sharing"),
+    consistency_weight: float | None = _opt("consistency_weight"),
     pooling: str = _opt("pooling"),
     head_dropout: float = _opt("head_dropout"),
     device: str = _opt("device"),
@@ -95,14 +107,14 @@ def train_command(
     progress: bool = _opt("progress"),
 ) -> None:
     from adamix_zoo.generation.tasks import NLG_TASKS
-    from adamix_zoo.training import train
+    from adamix_zoo.recipes.glue import train
 
-    values = {k: v for k, v in locals().items() if k in _FIELDS}
+    values = {k: v for k, v in locals().items() if (k in _FIELDS or k in _MIXTURE) and v is not None}
     if task in NLG_TASKS:
         _train_generation(values)
         return
     try:
-        args = TrainArgs(**values)
+        args = TrainArgs.from_options(**values)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     try:
@@ -117,22 +129,20 @@ def train_command(
 
 
 def _train_generation(values: dict[str, Any]) -> None:
-    """``train --task e2e|webnlg|dart``: the data-to-text recipe, with the shared options mapped."""
-    from adamix_zoo.generation.recipe import GenerationArgs, run_generation
+    """``train --task e2e|webnlg|dart``: the data-to-text recipe, with the shared options mapped;
+    options left unset keep the recipe's own defaults."""
+    from adamix_zoo.recipes.generation import GenerationArgs, run_generation
 
-    v = values
-    nonzero = {"train_size": v["train_subset"], "eval_size": v["validation_subset"], "steps": v["max_steps"],
-               "lr": v["lr"]}
+    v = dict(values)
+    renamed = {"train_size": v.pop("train_subset", 0), "eval_size": v.pop("validation_subset", 0),
+               "steps": v.pop("max_steps", 0), "lr": v.pop("lr", None)}
+    shared = ("task", "method", "seed", "data_dir", "max_length", "batch_size", "warmup_ratio", "weight_decay",
+              "max_grad_norm", *_MIXTURE)
+    options = {k: x for k, x in v.items() if k in shared} | {k: x for k, x in renamed.items() if x}
+    options["backbone"] = "smollm2-135m" if v["backbone"] == _FIELDS["backbone"].default else v["backbone"]
+    options["output_dir"] = v.get("output_dir") or f"runs/{v['task']}-{v['method']}-s{v['seed']}"
     try:
-        args = GenerationArgs(
-            task=v["task"], method=v["method"], seed=v["seed"], data_dir=v["data_dir"],
-            backbone="smollm2-135m" if v["backbone"] == _FIELDS["backbone"].default else v["backbone"],
-            output_dir=v["output_dir"] or f"runs/{v['task']}-{v['method']}-s{v['seed']}",
-            num_experts=v["num_experts"], rank=v["rank"], alpha=v["alpha"], bottleneck=v["bottleneck"],
-            sharing=v["sharing"], consistency_weight=v["consistency_weight"], max_length=v["max_length"],
-            batch_size=v["batch_size"], warmup_ratio=v["warmup_ratio"], weight_decay=v["weight_decay"],
-            max_grad_norm=v["max_grad_norm"], **{k: x for k, x in nonzero.items() if x},
-        )
+        args = GenerationArgs.from_options(**options)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     try:

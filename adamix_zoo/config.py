@@ -1,4 +1,4 @@
-"""The AdaMix configuration: one validated dataclass, serialisable to JSON."""
+"""The AdaMix configuration: one validated dataclass, serialisable to JSON, and the method names."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ EXPERT_INIT = ("identical", "independent")
 ADAPTER_INIT = ("normal", "zero-up")
 TASK_LOSS_PASSES = ("both", "first")
 PROBLEMS = ("classification", "regression", "lm")
+# Adapter methods: a plain kind is K=1 of the same code (the baselines); "adamix-<kind>" mixes K experts.
+ADAPTER_METHODS = ("lora", "adapter", "adamix-lora", "adamix-adapter")
 # Consistency weight per problem when ``consistency_weight`` is None (docs/BENCHMARKS.md, fidelity).
 DEFAULT_CONSISTENCY = {"classification": 1.0, "regression": 1.0, "lm": 1.0}
 
@@ -139,3 +141,35 @@ class AdaMixConfig:
         if unknown:
             raise ValueError(f"unknown AdaMixConfig fields: {', '.join(unknown)}")
         return cls(**data)
+
+
+def method_kind(method: str, num_experts: int) -> tuple[str, int]:
+    """(kind, K) of an adapter method: ``adamix-lora`` keeps ``num_experts``, ``lora`` is K=1.
+
+    Raises:
+        ValueError: not one of ``ADAPTER_METHODS``.
+    """
+    _check_choice("method", method, ADAPTER_METHODS)
+    return method.removeprefix("adamix-"), num_experts if method.startswith("adamix-") else 1
+
+
+def method_name(kind: str, num_experts: int) -> str:
+    """The method name of a mixture: ``adamix-<kind>`` with K > 1, the plain kind with K = 1."""
+    return f"adamix-{kind}" if num_experts > 1 else kind
+
+
+def method_config(method: str, mixture: AdaMixConfig, seed: int) -> AdaMixConfig:
+    """``mixture`` set to a method's kind and K, seeded; the K=1 baselines get no consistency loss."""
+    kind, k = method_kind(method, mixture.num_experts)
+    weight = mixture.consistency_weight if method.startswith("adamix-") else 0.0
+    return dataclasses.replace(mixture, kind=kind, num_experts=k, consistency_weight=weight, seed=seed)
+
+
+# The fields a recipe's flat options may set; kind and K come from the method, the seed from the run.
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(AdaMixConfig) if f.name not in ("kind", "seed"))
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat options -> (AdaMixConfig fields among them, the rest)."""
+    mixture = {k: v for k, v in options.items() if k in OPTION_FIELDS}
+    return mixture, {k: v for k, v in options.items() if k not in OPTION_FIELDS}

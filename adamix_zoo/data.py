@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from adamix_zoo.tasks import TaskSpec
+from adamix_zoo.glue_tasks import TaskSpec
 
 HUB_DATASET = "nyu-mll/glue"
 SPLITS = ("train", "validation")

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from adamix_zoo.metrics import compute_metrics
+from adamix_zoo.glue_tasks import TaskSpec, get_task
 from adamix_zoo.model import AdaMixModel
-from adamix_zoo.tasks import TaskSpec, get_task
+from adamix_zoo.runtime import autocast, select_device
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_model(
     model: nn.Module,
     loader: Iterable,
     task: TaskSpec,
@@ -42,7 +43,7 @@ def evaluate(
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             logits = model(**batch).float()
         if task.problem == "regression":
             loss_sum += F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum").item()
@@ -117,10 +118,10 @@ def analyze_experts(
 
     def score(state: dict[str, torch.Tensor]) -> float:
         backbone.load_adapter_state_dict(state)
-        return evaluate(model, loader, task, device, precision)[metric]
+        return evaluate_model(model, loader, task, device, precision)[metric]
 
     try:
-        merged = evaluate(model, loader, task, device, precision)[metric]
+        merged = evaluate_model(model, loader, task, device, precision)[metric]
         fixed = [score(single_adapter_state(original, k)) for k in range(backbone.config.num_experts)]
         generator = torch.Generator().manual_seed(seed)
         rand = [score(single_adapter_state(original, generator)) for _ in range(num_random)]
@@ -149,16 +150,10 @@ def load_run(run_dir: str | Path, merged: bool = False, check_fingerprint: bool 
 
     from adamix_zoo.backbones import fingerprint, resolve_backbone
     from adamix_zoo.config import AdaMixConfig
+    from adamix_zoo.formats.experts import load_experts
+    from adamix_zoo.formats.files import EXPERTS_FILE, FULL_MODEL_FILE, HEAD_FILE, MERGED_DIR, RUN_CONFIG_FILE
+    from adamix_zoo.formats.merged import load_merged
     from adamix_zoo.heads import TaskModel, load_head
-    from adamix_zoo.io import (
-        EXPERTS_FILE,
-        FULL_MODEL_FILE,
-        HEAD_FILE,
-        MERGED_DIR,
-        RUN_CONFIG_FILE,
-        load_experts,
-        load_merged,
-    )
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG_FILE).is_file():
@@ -195,7 +190,6 @@ def evaluate_run(
 
     from adamix_zoo.backbones import resolve_backbone
     from adamix_zoo.data import eval_loader, load_validation
-    from adamix_zoo.training import select_device
 
     model, config = load_run(run_dir, merged=merged)
     task, train_args = get_task(config["task"]), config["train"]
@@ -205,7 +199,7 @@ def evaluate_run(
     validation = load_validation(task, data_dir, validation_subset, train_args["data_seed"])
     loader = eval_loader(validation, task, tokenizer, train_args["max_length"], batch_size)
     target = select_device(device)
-    return evaluate(model.to(target), loader, task, target)
+    return evaluate_model(model.to(target), loader, task, target)
 
 
 def analyze_run(
@@ -220,9 +214,8 @@ def analyze_run(
 
     from adamix_zoo.backbones import resolve_backbone
     from adamix_zoo.data import eval_loader, load_validation
+    from adamix_zoo.formats.files import ANALYSIS_FILE, SPREAD_FILE
     from adamix_zoo.plots import plot_expert_spread
-    from adamix_zoo.io import ANALYSIS_FILE, SPREAD_FILE
-    from adamix_zoo.training import select_device
 
     model, config = load_run(run_dir)
     task, train_args = get_task(config["task"]), config["train"]

@@ -8,15 +8,21 @@ all-MiniLM-L6-v2 were trained with it (their [CLS] pooler never was).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from adamix_zoo.formats.head import read_head, write_head
+
 POOLINGS = ("mean", "cls")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean of token states. hidden: (batch, seq, d), attention_mask: (batch, seq) -> (batch, d)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class ClassificationHead(nn.Module):
@@ -41,10 +47,7 @@ class ClassificationHead(nn.Module):
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, seq, d), attention_mask: (batch, seq) -> (batch, d)."""
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return hidden[:, 0] if self.pooling == "cls" else mean_pool(hidden, attention_mask)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(hidden, attention_mask)))  # (batch, labels)
@@ -73,11 +76,7 @@ class TaskModel(nn.Module):
 
 
 def save_head(head: ClassificationHead, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "head": json.dumps(head.spec())})
-    return path
+    return write_head(head.state_dict(), head.spec(), path)
 
 
 def load_head(path: str | os.PathLike) -> ClassificationHead:
@@ -86,17 +85,8 @@ def load_head(path: str | os.PathLike) -> ClassificationHead:
     Raises:
         ValueError: unreadable file, missing spec, or tensors that do not fit the spec.
     """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read head file {path}: {err}") from err
-    if "head" not in meta:
-        raise ValueError(f"{path} is not a head file (no 'head' metadata)")
-    head = ClassificationHead(**json.loads(meta["head"]))
+    spec, state = read_head(path)
+    head = ClassificationHead(**spec)
     try:
         head.load_state_dict(state)
     except RuntimeError as err:

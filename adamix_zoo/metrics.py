@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from adamix_zoo.tasks import TaskSpec
+from adamix_zoo.glue_tasks import TaskSpec
 
 
 def accuracy(pred: np.ndarray, label: np.ndarray) -> float:

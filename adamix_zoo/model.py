@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from adamix_zoo.config import AdaMixConfig
-from adamix_zoo.methods import MIXTURE_LAYERS, MixtureOfLoRA, build_layer
+from adamix_zoo.mixtures import MIXTURE_LAYERS, MixtureOfLoRA, build_layer
 from adamix_zoo.routing import Router
 from adamix_zoo.targets import default_patterns, find_targets, user_patterns
 

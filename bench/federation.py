@@ -10,7 +10,7 @@ run of the protocol itself also writes bench/results/federation.json and the doc
 Federated: Flower's runtime (a local SuperLink in simulation mode, Ray backend, no dependency
 installation), 4 clients holding Dirichlet(alpha) label-skewed partitions of the same training
 subset, a Flower strategy over the adapter experts (and the head, single-task). Centralized: the
-project's training recipe (``adamix_zoo.training``) on the union of the partitions, with the same
+project's training recipe (``adamix_zoo.recipes.glue``) on the union of the partitions, with the same
 total number of optimizer steps (rounds x local steps x clients) and batch size. Both report the dev
 accuracy of the merged model on the same validation subset.
 
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adamix_zoo.io import FINAL_METRICS_FILE  # noqa: E402
+from adamix_zoo.formats.files import FINAL_METRICS_FILE  # noqa: E402
 from bench.report import RESULTS, machine, markdown_table, write_json, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation.py"
@@ -110,7 +110,7 @@ def federated(s: dict, out: Path, seed: int) -> tuple[dict, float]:
 
 
 def centralized(s: dict, out: Path, seed: int) -> tuple[dict, float]:
-    from adamix_zoo.training import TrainArgs, train
+    from adamix_zoo.recipes.glue import TrainArgs, train
 
     steps = s["rounds"] * s["local_steps"] * s["clients"]
     args = TrainArgs(

@@ -126,7 +126,7 @@ def spec(task: str, method: str, seed: int, lr: float, steps: int, variant: str 
 
 def run_one(job: dict[str, Any], protocol: dict[str, Any], data_dir: str) -> dict[str, Any]:
     """Train one job; returns its best dev score x100, the merged-vs-single analysis and timings."""
-    from adamix_zoo.training import TrainArgs, train
+    from adamix_zoo.recipes.glue import train, train_args as TrainArgs  # TrainArgs from flat options
 
     steps = job["max_steps"]
     args = TrainArgs(

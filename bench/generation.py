@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adamix_zoo.generation.recipe import GenerationArgs, run_generation  # noqa: E402
+from adamix_zoo.recipes.generation import GenerationArgs, run_generation  # noqa: E402
 from bench.report import RESULTS, machine, markdown_table, write_json, write_section  # noqa: E402
 
 METHODS = ("lora", "adamix-lora")
@@ -63,7 +63,7 @@ def earlier_protocols() -> list[list[Any]]:
 
 
 def one_run(protocol: dict[str, Any], method: str, seed: int, data_dir: str, out: Path) -> dict:
-    args = GenerationArgs(method=method, seed=seed, data_dir=data_dir, output_dir=str(out), **protocol)
+    args = GenerationArgs.from_options(method=method, seed=seed, data_dir=data_dir, output_dir=str(out), **protocol)
     start = time.perf_counter()
     final = run_generation(args)
     return {"method": method, "seed": seed, "protocol": protocol, "bleu": final["bleu"],

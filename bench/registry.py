@@ -6,7 +6,7 @@ single-task adapter's (both evaluated here, in the same run, on the same validat
     .venv/bin/python bench/registry.py --entries glue/sst2 glue/rte --store ~/zoo   # or zoo entries
     .venv/bin/python bench/registry.py --quick     # smoke: trains two tiny runs itself (minutes)
 
-Inputs are training output folders (``adamix-zoo train`` / ``adamix_zoo.training``) or registry
+Inputs are training output folders (``adamix-zoo train`` / ``adamix_zoo.recipes.glue``) or registry
 entries; runs are published into a temporary store first, so the benchmark exercises publish,
 merge and attach exactly as users do. The merged entry keeps each task's head; only the adapter
 is shared. ``cross_task_retention_min`` / ``_mean`` (top level) are those of the first method in
@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamix_zoo.backbones import resolve_backbone  # noqa: E402
 from adamix_zoo.data import eval_loader, load_validation  # noqa: E402
-from adamix_zoo.evaluation import evaluate  # noqa: E402
-from adamix_zoo.tasks import get_task  # noqa: E402
+from adamix_zoo.evaluation import evaluate_model  # noqa: E402
+from adamix_zoo.glue_tasks import get_task  # noqa: E402
 from bench.report import machine, markdown_table, write_json, write_section  # noqa: E402
 from registry import Store  # noqa: E402
 from registry.merging import merge_entries  # noqa: E402
@@ -55,16 +55,16 @@ def evaluate_entry(store: Store, ref: str, task: str, data_dir: Path, subset: in
     validation = load_validation(spec, data_dir, subset, train_args.get("data_seed", 0))
     loader = eval_loader(validation, spec, AutoTokenizer.from_pretrained(path),
                          train_args.get("max_length", 128), batch_size)
-    return float(evaluate(model, loader, spec, "cpu")[spec.main_metric])
+    return float(evaluate_model(model, loader, spec, "cpu")[spec.main_metric])
 
 
 def quick_runs(out: Path, data_dir: Path) -> list[Path]:
     """Two tiny adamix-lora runs (sst2, rte) for a smoke test of the whole pipeline."""
-    from adamix_zoo.training import TrainArgs, train
+    from adamix_zoo.recipes.glue import train, train_args
 
     runs = []
     for task in ("sst2", "rte"):
-        args = TrainArgs(task=task, data_dir=str(data_dir), output_dir=str(out / task), max_steps=30,
+        args = train_args(task=task, data_dir=str(data_dir), output_dir=str(out / task), max_steps=30,
                          batch_size=16, train_subset=256, validation_subset=64, num_experts=2, rank=4,
                          progress=False, device="cpu")
         train(args)

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from adamix_zoo.evaluation import evaluate
-from adamix_zoo.training import RunSetup, TrainArgs, TrainResult, fit, prepare
+from adamix_zoo.evaluation import evaluate_model
+from adamix_zoo.recipes.glue import RunSetup, TrainArgs, TrainResult, fit, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("ADAMIX_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -58,7 +58,7 @@ def configure() -> TrainArgs:
 
 def baseline(setup: RunSetup) -> dict[str, float]:
     """The same model before any training step."""
-    return evaluate(setup.model, setup.loaders.validation, setup.task, setup.device)
+    return evaluate_model(setup.model, setup.loaders.validation, setup.task, setup.device)
 
 
 def train(setup: RunSetup) -> TrainResult:

@@ -29,7 +29,7 @@ from federation.task import (
     train_round,
 )
 from federation.task import (
-    evaluate as evaluate_model,
+    evaluate_examples,
 )
 
 LOCAL_HEAD = "local-head"  # Context.state key of a head that never leaves the client
@@ -99,7 +99,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid = settings(context)
     spec, examples = client_data(cfg, pid, "validation")
     model = _model(cfg, pid, spec.name, context, msg.content[ARRAYS_KEY])
-    scores = evaluate_model(cfg, spec, model, examples)
+    scores = evaluate_examples(cfg, spec, model, examples)
     config = msg.content[CONFIG_KEY]
     if (
         not cfg.head_federated

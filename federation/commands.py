@@ -65,7 +65,7 @@ def federate(
 
     from flwr.common.config import parse_config_args
 
-    from adamix_zoo.io import FINAL_METRICS_FILE
+    from adamix_zoo.formats.files import FINAL_METRICS_FILE
     from federation.config import FederationConfig
     from federation.runtime import LocalFederation, RuntimeFailure
     from registry import default_home

@@ -2,7 +2,8 @@
 
 Every field is a run-config key with dashes instead of underscores (``num_rounds`` <->
 ``num-rounds``); ``flwr run . --run-config "num-rounds=5 tasks='sst2,rte'"`` overrides them.
-Flower's run config holds scalars only, so lists (``tasks``) are comma-separated strings.
+Flower's run config holds scalars only, so lists (``tasks``) are comma-separated strings. The AdaMix
+settings are one ``AdaMixConfig`` (``adamix``), flattened into the run-config keys of ``ADAMIX_KEYS``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from adamix_zoo.config import AdaMixConfig
-from adamix_zoo.tasks import get_task
+from adamix_zoo.glue_tasks import get_task
 
 # FedAvg-family aggregation, robust aggregation, and server-side optimizers (FedOpt: Reddi et al.).
 STRATEGIES = (
@@ -23,6 +24,14 @@ STRATEGIES = (
 DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 PARTITIONERS = ("iid", "dirichlet")
 HEAD_MODES = ("auto", "true", "false")
+# Run-config key -> AdaMixConfig field; the seed is the run's own ``seed``.
+ADAMIX_KEYS = {"kind": "kind", "num-experts": "num_experts", "rank": "rank", "lora-alpha": "alpha",
+               "bottleneck": "bottleneck", "sharing": "sharing", "consistency-weight": "consistency_weight"}
+
+
+def federation_adamix() -> AdaMixConfig:
+    """The federation's default mixture: LoRA, K=4, rank 8, alpha 16, consistency weight 1."""
+    return AdaMixConfig(consistency_weight=1.0)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -70,16 +79,9 @@ class FederationConfig:
     seed: int = field(
         default=0, metadata={"help": "Seed of partitions, initial experts, heads and routing."}
     )
-    kind: str = field(default="lora", metadata={"help": "AdaMix expert kind: 'lora' or 'adapter'."})
-    num_experts: int = field(default=4, metadata={"help": "Experts K per adapted place."})
-    rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
-    bottleneck: int = field(default=16, metadata={"help": "Adapter bottleneck."})
-    sharing: str = field(
-        default="up", metadata={"help": "Projection shared by the experts: up, down, none."}
-    )
-    consistency_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the consistency loss."}
+    adamix: AdaMixConfig = field(
+        default_factory=federation_adamix,
+        metadata={"help": "The mixture; run-config keys " + ", ".join(ADAMIX_KEYS) + "."},
     )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
@@ -150,7 +152,6 @@ class FederationConfig:
             )
         for task in self.task_list:
             get_task(task)  # raises naming the known tasks
-        self.adamix_config()  # validates the AdaMix fields
 
     # -- derived views ---------------------------------------------------------------------------
     @property
@@ -175,16 +176,8 @@ class FederationConfig:
         return task, same.index(partition_id), len(same)
 
     def adamix_config(self) -> AdaMixConfig:
-        return AdaMixConfig(
-            kind=self.kind,
-            num_experts=self.num_experts,
-            rank=self.rank,
-            alpha=self.lora_alpha,
-            bottleneck=self.bottleneck,
-            sharing=self.sharing,
-            consistency_weight=self.consistency_weight,
-            seed=self.seed,
-        )
+        """The mixture seeded by the run (identical initial experts and routing everywhere)."""
+        return dataclasses.replace(self.adamix, seed=self.seed)
 
     def data_root(self) -> Path:
         root = self.data_dir or os.environ.get("ADAMIX_DATA_DIR", "")
@@ -223,12 +216,18 @@ class FederationConfig:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = f.name.replace("_", "-")
-            if key in run_config:
+            if key in run_config and f.name != "adamix":
                 values[f.name] = _coerce(key, run_config[key], f.default)
-        return cls(**values)
+        mixture, default = {}, federation_adamix()
+        for key, name in ADAMIX_KEYS.items():
+            if key in run_config:
+                mixture[name] = _coerce(key, run_config[key], getattr(default, name))
+        return cls(**values, adamix=dataclasses.replace(default, **mixture))
 
     def to_run_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        flat = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        mixture = {key: getattr(self.adamix, name) for key, name in ADAMIX_KEYS.items()}
+        return {k: v for k, v in flat.items() if k != "adamix"} | mixture
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from adamix_zoo.tasks import get_task
+from adamix_zoo.glue_tasks import get_task
 from federation.client_app import HEAD_DIR
 from federation.config import FederationConfig
 from federation.output import (
@@ -35,7 +35,7 @@ from federation.strategies import ValidatingStrategy, build_strategy
 from federation.task import (
     build_model,
     encoded,
-    evaluate,
+    evaluate_examples,
     load_shared_state,
     load_split,
     shared_state,
@@ -141,7 +141,7 @@ def _server_metrics(
 ) -> dict[str, Any]:
     """The global model's metrics on the task's (whole) validation split, plus the round log."""
     spec = get_task(task)
-    scores = evaluate(cfg, spec, model, encoded(cfg, spec, load_split(cfg, spec, "validation")))
+    scores = evaluate_examples(cfg, spec, model, encoded(cfg, spec, load_split(cfg, spec, "validation")))
     log(INFO, "global model on %s validation: %s", task, scores)
     return {"main_metric": spec.main_metric, **scores, "federation": report}
 

@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from adamix_zoo import data, evaluation
+from adamix_zoo import data
 from adamix_zoo.backbones import resolve_backbone
 from adamix_zoo.heads import TaskModel
-from adamix_zoo.tasks import TaskSpec, get_task
-from adamix_zoo.training import build_task_model, make_optimizer, select_device, train_steps
+from adamix_zoo.glue_tasks import TaskSpec, get_task
+from adamix_zoo.evaluation import evaluate_model
+from adamix_zoo.loop import train_steps
+from adamix_zoo.optim import make_optimizer
+from adamix_zoo.runtime import select_device
+from adamix_zoo.task_model import build_task_model
 from federation.config import FederationConfig
 from federation.records import HEAD_PREFIX
 
@@ -196,7 +200,7 @@ def train_round(
 ) -> dict[str, float]:
     """One client's local work: ``local-steps`` steps of the project's training step.
 
-    ``adamix_zoo.training.train_steps`` routes stochastically and adds the consistency loss (the
+    ``adamix_zoo.loop.train_steps`` routes stochastically and adds the consistency loss (the
     weight comes from the model's AdaMix config); a fresh AdamW per round, as usual in FL.
 
     Returns:
@@ -214,7 +218,7 @@ def train_round(
     }
 
 
-def evaluate(
+def evaluate_examples(
     cfg: FederationConfig, spec: TaskSpec, model: TaskModel, examples: list[dict[str, Any]]
 ) -> dict[str, float]:
     """``eval-loss`` and every metric of the task for the (merged-routing) model on ``examples``.
@@ -226,5 +230,5 @@ def evaluate(
         raise ValueError(f"{spec.name}: nothing to evaluate on")
     size = max(cfg.batch_size, 32)
     loader = (collate(cfg, spec, examples[s : s + size]) for s in range(0, len(examples), size))
-    scores = evaluation.evaluate(model, loader, spec, select_device())
+    scores = evaluate_model(model, loader, spec, select_device())
     return {"eval-loss": scores.pop("loss"), **{k: float(v) for k, v in scores.items()}}

@@ -1,7 +1,7 @@
 """Build an entry's payload from a training output folder, and validate payloads without a backbone.
 
 A training run writes ``run_config.json``, ``final_metrics.json``, ``head.safetensors``, optionally
-``adamix_experts.safetensors``, and ``merged/`` (``adamix_zoo.io.save_merged``); a generation run
+``adamix_experts.safetensors``, and ``merged/`` (``adamix_zoo.formats``); a generation run
 (``"problem": "lm"``) has no head: the causal LM's output layer answers, after its prompt template.
 Everything copied into an entry is parsed and shape-checked here first, so a corrupt or inconsistent
 run is refused before anything is written to the store.
@@ -15,36 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import adamix_zoo
-from adamix_zoo.config import AdaMixConfig
-from adamix_zoo.heads import load_head
-from adamix_zoo.io import (
+from adamix_zoo.config import AdaMixConfig, method_name
+from adamix_zoo.formats.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     EXPERTS_FILE,
     FINAL_METRICS_FILE,
+    FORMAT_VERSION,
     HEAD_FILE,
     MERGED_DIR,
-    MERGED_KEYS,
-    PEFT_PREFIX,
-    RUN_CONFIG_FILE,
-    read_adapter_config,
-    read_experts_config,
-    read_safetensors,
+    read_json,
 )
+from adamix_zoo.formats.merged import check_experts, read_merged
+from adamix_zoo.formats.run_folder import read_run_config
+from adamix_zoo.heads import load_head
 
-from registry.metadata import FORMAT_VERSION
-
-RUN_REQUIRED = ("task", "backbone", "backbone_fingerprint", "problem", "label_names", "adamix")
 HEADS_DIR = "heads"
-LORA_SUFFIXES = tuple(MERGED_KEYS["lora"].values())
-ADAPTER_SUFFIXES = tuple(MERGED_KEYS["adapter"].values())
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -56,87 +42,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"training output folder {run_dir} does not exist")
-    run = _read_json(run_dir / RUN_CONFIG_FILE)
-    missing = [k for k in RUN_REQUIRED if k not in run] if isinstance(run, dict) else list(RUN_REQUIRED)
-    if missing:
-        raise ValueError(f"{run_dir / RUN_CONFIG_FILE}: missing field(s) {', '.join(missing)}")
+    run = read_run_config(run_dir)
     if run["adamix"] is None:
         raise ValueError(f"{run_dir} is a full fine-tuning run: it has no adapter to publish")
     run["adamix_config"] = AdaMixConfig.from_dict(run["adamix"])
     metrics_path = run_dir / FINAL_METRICS_FILE
-    run["final_metrics"] = _read_json(metrics_path) if metrics_path.exists() else {}
+    run["final_metrics"] = read_json(metrics_path) if metrics_path.exists() else {}
     return run
-
-
-def group_modules(tensors: dict[str, Any], suffixes: tuple[str, ...], heads: list[str]) -> dict[str, dict]:
-    """Merged-file tensors -> {module: {suffix: tensor}}; head tensors (modules_to_save) are skipped.
-
-    Raises:
-        ValueError: a key outside the PEFT prefix, an unknown key, or a module missing a tensor.
-    """
-    modules: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"tensor {key!r} lacks the prefix {PEFT_PREFIX!r}")
-        name = key[len(PEFT_PREFIX):]
-        suffix = next((s for s in suffixes if name.endswith("." + s)), None)
-        if suffix is None:
-            if any(name.startswith(h + ".") for h in heads):
-                continue
-            raise ValueError(f"unexpected tensor {key!r} in the merged adapter")
-        modules.setdefault(name[: -len(suffix) - 1], {})[suffix] = tensor
-    for module, parts in modules.items():
-        absent = [s for s in suffixes if s not in parts]
-        if absent:
-            raise ValueError(f"module {module!r} lacks {', '.join(absent)}")
-    return modules
-
-
-def check_merged_shapes(config: dict[str, Any], tensors: dict[str, Any]) -> None:
-    """Check the merged adapter's tensors against its adapter_config (no backbone needed).
-
-    Raises:
-        ValueError: wrong rank / bottleneck, inconsistent dimensions, or modules that differ from
-            ``target_modules``; the message names the tensor.
-    """
-    lora = config["peft_type"] == "LORA"
-    heads = config.get("modules_to_save") or []
-    modules = group_modules(tensors, LORA_SUFFIXES if lora else ADAPTER_SUFFIXES, heads)
-    if sorted(modules) != sorted(config["target_modules"]):
-        raise ValueError(
-            f"merged adapter modules {sorted(modules)[:3]}... differ from target_modules "
-            f"{sorted(config['target_modules'])[:3]}..."
-        )
-    for module, p in modules.items():
-        shapes = {k: tuple(v.shape) for k, v in p.items()}
-        if lora:
-            (r, _), (_, r_b) = shapes["lora_A.weight"], shapes["lora_B.weight"]
-            ok = len(shapes["lora_A.weight"]) == 2 and len(shapes["lora_B.weight"]) == 2
-            ok = ok and r == r_b == config["r"]
-        else:
-            m, d = shapes["adapter_down.weight"]
-            ok = shapes == {"adapter_down.weight": (m, d), "adapter_down.bias": (m,),
-                            "adapter_up.weight": (d, m), "adapter_up.bias": (d,)}
-            ok = ok and m == config["bottleneck"]
-        if not ok:
-            raise ValueError(f"tensors of the wrong shape for module {module!r}: {shapes} (config {config})")
-
-
-def check_experts(path: Path, merged: dict[str, Any], kind: str) -> None:
-    """The unmerged experts must be of the same kind and average to the merged tensors' shapes."""
-    config = read_experts_config(path)
-    if config.kind != kind:
-        raise ValueError(f"{path}: experts of kind {config.kind!r} next to a merged {kind!r} adapter")
-    renames = MERGED_KEYS[kind]
-    for name, tensor in read_safetensors(path).items():
-        module, _, param = name.rpartition(".")
-        if param not in renames:
-            continue  # heads saved with the experts
-        key = f"{PEFT_PREFIX}{module}.{renames[param]}"
-        if key not in merged or tuple(tensor.shape[1:]) != tuple(merged[key].shape):
-            raise ValueError(
-                f"{path}: expert tensor {name} {tuple(tensor.shape)} does not fit the merged adapter"
-            )
 
 
 def head_files(tasks: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -150,14 +62,13 @@ def validate_payload(folder: Path, heads: dict[str, str]) -> dict[str, Any]:
     Raises:
         ValueError: corrupt/truncated safetensors, wrong shapes, or an unreadable head.
     """
-    config = read_adapter_config(folder)
-    tensors = read_safetensors(folder / ADAPTER_WEIGHTS_FILE)
-    check_merged_shapes(config, tensors)
+    merged = read_merged(folder)
+    merged.check_shapes()
     if (folder / EXPERTS_FILE).exists():
-        check_experts(folder / EXPERTS_FILE, tensors, "lora" if config["peft_type"] == "LORA" else "adapter")
+        check_experts(folder / EXPERTS_FILE, merged.tensors, merged.kind)
     for head in heads.values():
         load_head(folder / head)
-    return config
+    return merged.config
 
 
 def stage_run(run_dir: Path, stage: Path, run: dict[str, Any], task: str, experts: bool = True) -> None:
@@ -196,7 +107,7 @@ def run_metadata(run: dict[str, Any], task: str, run_dir: Path) -> dict[str, Any
     return {
         "format_version": FORMAT_VERSION,
         "name": {},
-        "method": f"adamix-{cfg.kind}" if cfg.num_experts > 1 else cfg.kind,
+        "method": method_name(cfg.kind, cfg.num_experts),
         "kind": cfg.kind,
         "num_experts": cfg.num_experts,
         "rank": cfg.rank if lora else None,

@@ -6,7 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from adamix_zoo.io import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE, read_adapter_config
+from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE
+from adamix_zoo.formats.merged import read_adapter_config
 
 from registry.entry import head_files
 from registry.store import EntryInfo, Store
@@ -25,7 +26,7 @@ def export_peft(store: Store, ref: str, destination: str | os.PathLike) -> Path:
     if config["peft_type"] != "LORA":
         raise ValueError(
             f"{info.ref} is a mixture of adapters ({config['peft_type']}): PEFT has no such layer; "
-            "load it with adamix_zoo.io.load_merged (its format is documented in the entry's README.md)"
+            "load it with adamix_zoo.load_merged (its format is documented in the entry's README.md)"
         )
     out = Path(destination)
     if out.exists() and any(out.iterdir()):

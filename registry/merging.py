@@ -44,17 +44,12 @@ import torch
 from safetensors.torch import save_file
 
 import adamix_zoo
-from adamix_zoo.io import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    PEFT_PREFIX,
-    read_adapter_config,
-    read_safetensors,
-)
+from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FORMAT_VERSION
+from adamix_zoo.formats.merged import ADAPTER_SUFFIXES, LORA_SUFFIXES, PEFT_PREFIX, group_modules, read_merged
+from adamix_zoo.formats.metadata import read_metadata
+from adamix_zoo.formats.names import DEFAULT_NAMESPACE
 
-from registry.entry import ADAPTER_SUFFIXES, HEADS_DIR, LORA_SUFFIXES, group_modules
-from registry.metadata import FORMAT_VERSION, read_metadata
-from registry.names import DEFAULT_NAMESPACE
+from registry.entry import HEADS_DIR
 from registry.store import EntryInfo, Store
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -258,7 +253,7 @@ def merge_entries(
         raise ValueError(f"{len(weights)} weights for {len(refs)} entries")
     tasks = _merged_tasks(infos, metas)
     task = task or "+".join(tasks)
-    sources = [(read_adapter_config(f), read_safetensors(f / ADAPTER_WEIGHTS_FILE)) for f in folders]
+    sources = [(m.config, m.tensors) for m in map(read_merged, folders)]
     config, tensors = merge_tensors(sources, weights, method, density, svd_rank, majority_sign_method, seed)
     options = {"method": method, "weights": weights, "density": density, "svd_rank": svd_rank,
                "majority_sign_method": majority_sign_method, "seed": seed, "sources": [i.ref for i in infos],

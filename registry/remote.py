@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from registry.metadata import read_metadata, verify_files
+from adamix_zoo.formats.metadata import read_metadata, verify_files
 from registry.store import EntryInfo, Store
 
 HUB_PREFIX = "hf://"

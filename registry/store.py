@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from adamix_zoo.io import METADATA_FILE, MODEL_CARD_FILE
+from adamix_zoo.formats.files import METADATA_FILE, MODEL_CARD_FILE
+from adamix_zoo.formats.metadata import hash_files, read_metadata, verify_files
+from adamix_zoo.formats.names import DEFAULT_NAMESPACE, EntryRef, parse_ref, validate_part
 
-from registry.metadata import hash_files, model_card, read_metadata, verify_files
-from registry.names import DEFAULT_NAMESPACE, EntryRef, parse_ref, validate_part
+from registry.model_card import model_card
 
 try:  # POSIX advisory locks mark staging folders in use; elsewhere gc relies on their age alone
     import fcntl
@@ -242,7 +243,7 @@ class Store:
         """
         from adamix_zoo.backbones import fingerprint
         from adamix_zoo.heads import TaskModel, load_head
-        from adamix_zoo.io import load_merged
+        from adamix_zoo.formats.merged import load_merged
 
         folder = self.get(ref)
         meta = read_metadata(folder)

@@ -18,8 +18,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from adamix_zoo.config import AdaMixConfig
 from adamix_zoo.data import Collator, encode, load_task_data
-from adamix_zoo.tasks import get_task
-from adamix_zoo.training import build_task_model, make_optimizer, seed_everything, train_steps
+from adamix_zoo.glue_tasks import get_task
+from adamix_zoo.loop import train_steps
+from adamix_zoo.optim import make_optimizer
+from adamix_zoo.runtime import seed_everything
+from adamix_zoo.task_model import build_task_model
 from tests.tiny_glue import tiny_backbone_dir, tiny_tokenizer, write_glue
 
 BATCH, STEPS = 8, 4

@@ -13,7 +13,7 @@ from flwr.app import Array, MessageType
 from transformers import AutoModel
 
 from adamix_zoo.backbones import fingerprint
-from adamix_zoo.io import EXPERTS_FILE, read_safetensors
+from adamix_zoo.formats.files import EXPERTS_FILE, read_safetensors
 from federation.client_app import LOCAL_HEAD, app
 from federation.config import FederationConfig
 from federation.records import HEAD_PREFIX, travelling_name

@@ -13,7 +13,7 @@ from adamix_zoo.generation.data import IGNORE, collate_lm, encode_pair, grouped_
 from adamix_zoo.generation.generate import generate
 from adamix_zoo.generation.metrics import bleu, nist, nlg_metrics, rouge_l
 from adamix_zoo.generation.objective import lm_loss
-from adamix_zoo.generation.recipe import METHODS, GenerationArgs
+from adamix_zoo.recipes.generation import METHODS, GenerationArgs
 from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, NLGTask, get_nlg_task
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -24,7 +24,7 @@ PAIRS = [(f"name {n} food {f}", f"{n} serves {f}") for n, f in itertools.product
 
 def _toy_setup(arch: str, method: str):
     tokenizer = tiny_tokenizer(["Data:", "Text:", "name", "food", "serves"] + NAMES + FOODS)
-    config = GenerationArgs(method=method, rank=8, alpha=16, num_experts=4).adamix_config()
+    config = GenerationArgs.from_options(method=method, rank=8, alpha=16, num_experts=4).adamix_config()
     # a larger init lets the frozen, tied output head express confident predictions
     model = AdaMixModel(tiny_model(arch, head="lm", init=0.2), config, head_modules=[])
     features = [encode_pair(tokenizer, TOY, s, t, 32) for s, t in PAIRS]
@@ -146,7 +146,7 @@ def test_cli_train_dispatches_data_to_text_tasks(tmp_path, monkeypatch):
     """`adamix-zoo train --task e2e` runs the generation recipe with the shared options mapped."""
     from typer.testing import CliRunner
 
-    import adamix_zoo.generation.recipe as recipe
+    import adamix_zoo.recipes.generation as recipe
     from adamix_zoo.cli import _register_commands, app
 
     seen = {}
@@ -164,7 +164,7 @@ def test_cli_train_dispatches_data_to_text_tasks(tmp_path, monkeypatch):
 def _recipe_run(tmp_path):
     """The data-to-text recipe end to end on a tiny saved Llama and two tiny E2E splits; checks the
     run folder and returns it with the tokenizer and the generations."""
-    from adamix_zoo.generation.recipe import run_generation
+    from adamix_zoo.recipes.generation import run_generation
 
     rows = [{"meaning_representation": f"name[{n}], food[{f}]", "human_reference": f"{n} serves {f}"}
             for n in NAMES for f in FOODS]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adamix_zoo.generation.recipe import GenerationArgs, run_generation
+from adamix_zoo.recipes.generation import GenerationArgs, run_generation
 from adamix_zoo.serving import ServingEngine
 
 pytestmark = pytest.mark.integration

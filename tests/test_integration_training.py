@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adamix_zoo.evaluation import evaluate_run
-from adamix_zoo.training import TrainArgs, train
+from adamix_zoo.recipes.glue import TrainArgs, train
 from tests.tiny_glue import tiny_backbone_dir, write_glue
 
 pytestmark = pytest.mark.integration

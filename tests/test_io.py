@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from adamix_zoo import AdaMixConfig, AdaMixModel, load_experts, load_merged, save_experts, save_merged
-from adamix_zoo.io import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_experts_config
+from adamix_zoo.formats.experts import read_experts_config
+from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from tests.tiny import tiny_batch, tiny_model
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from adamix_zoo import AdaMixConfig, AdaMixModel
 from adamix_zoo.config import DEFAULT_CONSISTENCY
-from adamix_zoo.methods import MixtureOfLoRA
+from adamix_zoo.mixtures import MixtureOfLoRA
 from adamix_zoo.routing import Router, routed_linear
 from tests.tiny import tiny_batch, tiny_model
 

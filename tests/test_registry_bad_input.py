@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adamix_zoo.io import ADAPTER_WEIGHTS_FILE, EXPERTS_FILE, HEAD_FILE, METADATA_FILE
+from adamix_zoo.formats.files import ADAPTER_WEIGHTS_FILE, EXPERTS_FILE, HEAD_FILE, METADATA_FILE
 from registry import Store, parse_ref
 from registry.merging import merge_entries
 from tests.registry_runs import make_run, trained_task_model, write_run

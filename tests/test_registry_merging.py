@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from adamix_zoo.heads import load_head
-from adamix_zoo.io import ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
+from adamix_zoo.formats.files import ADAPTER_WEIGHTS_FILE
+from adamix_zoo.formats.merged import PEFT_PREFIX
 from registry import Store
 from registry.merging import merge_entries
 from tests.registry_runs import make_run

@@ -7,10 +7,11 @@ import torch
 from peft import PeftModel
 from torch.testing import assert_close
 
-from adamix_zoo.io import ADAPTER_CONFIG_FILE, EXPERTS_FILE, METADATA_FILE, MODEL_CARD_FILE, load_experts
+from adamix_zoo.formats.experts import load_experts
+from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, EXPERTS_FILE, METADATA_FILE, MODEL_CARD_FILE
 from registry import EntryExistsError, EntryNotFoundError, Store, default_home, parse_ref
 from registry.export import export_peft
-from registry.metadata import sha256_file
+from adamix_zoo.formats.metadata import sha256_file
 from tests.registry_runs import make_run, trained_task_model, write_run
 from tests.tiny import tiny_batch, tiny_model
 

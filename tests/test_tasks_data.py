@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adamix_zoo.data import Collator, encode, few_shot, load_task_data, make_loaders, task_folder
-from adamix_zoo.tasks import TASKS, get_task
+from adamix_zoo.glue_tasks import TASKS, get_task
 from tests.tiny_glue import sst2_rows, stsb_rows, tiny_tokenizer, write_glue, write_jsonl
 
 

@@ -8,20 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from adamix_zoo.cli import _register_commands, app
-from adamix_zoo.evaluation import analyze_experts, evaluate, load_run, single_adapter_state
-from adamix_zoo.io import EXPERTS_FILE, HEAD_FILE
-from adamix_zoo.tasks import get_task
-from adamix_zoo.training import (
-    METHODS,
-    TrainArgs,
-    adamix_config,
-    build_task_model,
-    make_optimizer,
-    make_scheduler,
-    prepare,
-    train,
-    train_steps,
-)
+from adamix_zoo.evaluation import analyze_experts, evaluate_model, load_run, single_adapter_state
+from adamix_zoo.formats.files import EXPERTS_FILE, HEAD_FILE
+from adamix_zoo.glue_tasks import get_task
+from adamix_zoo.loop import train_steps
+from adamix_zoo.optim import make_optimizer, make_scheduler
+from adamix_zoo.recipes.glue import METHODS, TrainArgs, adamix_config, prepare, train, train_args
+from adamix_zoo.task_model import build_task_model
 from tests.tiny_glue import tiny_backbone_dir, write_glue
 
 LR = {"full": 1e-3}  # tiny random backbone: higher rates than the real-model defaults
@@ -45,7 +38,7 @@ def env(tmp_path_factory):
 def args_for(env, method, task="sst2", steps=60, **kw) -> TrainArgs:
     base = {"task": task, "method": method, "max_steps": steps, "eval_every": steps // 3,
             "batch_size": 16, "lr": LR.get(method, 3e-2), "progress": False, "save": False, "seed": 0}
-    return TrainArgs(**env, **(base | kw))
+    return train_args(**env, **(base | kw))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -92,7 +85,7 @@ def test_output_folder_contract_and_reload(env, tmp_path):
     loader = prepare(args_for(env, "adamix-lora")).loaders.validation
     for merged in (False, True):
         model, _ = load_run(out, merged=merged)
-        assert evaluate(model, loader, get_task("sst2"))["accuracy"] == pytest.approx(final["accuracy"])
+        assert evaluate_model(model, loader, get_task("sst2"))["accuracy"] == pytest.approx(final["accuracy"])
 
 
 def test_full_method_saves_the_whole_model(env, tmp_path):
@@ -104,7 +97,7 @@ def test_full_method_saves_the_whole_model(env, tmp_path):
     model, _ = load_run(out)
     loader = prepare(args_for(env, "full")).loaders.validation
     final = json.loads((out / "final_metrics.json").read_text())
-    assert evaluate(model, loader, get_task("sst2"))["accuracy"] == pytest.approx(final["accuracy"])
+    assert evaluate_model(model, loader, get_task("sst2"))["accuracy"] == pytest.approx(final["accuracy"])
 
 
 @pytest.mark.parametrize("kind", ["lora", "adapter"])
@@ -125,7 +118,7 @@ def test_method_configs():
     assert adamix_config(TrainArgs(method="full")) is None
     lora = adamix_config(TrainArgs(method="lora"))
     assert (lora.kind, lora.num_experts, lora.consistency_weight) == ("lora", 1, 0.0)
-    mix = adamix_config(TrainArgs(method="adamix-adapter", num_experts=3, seed=7))
+    mix = adamix_config(train_args(method="adamix-adapter", num_experts=3, seed=7))
     assert (mix.kind, mix.num_experts, mix.consistency_weight, mix.seed) == ("adapter", 3, None, 7)
     assert mix.consistency_weight_for("classification") == 1.0 and mix.consistency_weight_for("lm") == 1.0
 
@@ -138,7 +131,7 @@ def test_method_configs():
 )
 def test_train_args_are_validated(kw, message):
     with pytest.raises(ValueError, match=message):
-        TrainArgs(**kw)
+        train_args(**kw)
 
 
 def test_warmup_then_linear_decay():
@@ -169,7 +162,7 @@ def test_train_steps_reuses_a_model_and_loader(env):
 def test_best_checkpoint_is_restored(env):
     result = train(args_for(env, "adamix-adapter", lr=0.2))  # a rate high enough to be unstable
     setup = prepare(args_for(env, "adamix-adapter"))
-    again = evaluate(result.model, setup.loaders.validation, setup.task)
+    again = evaluate_model(result.model, setup.loaders.validation, setup.task)
     assert again["accuracy"] == pytest.approx(result.best)
     assert result.best == max(r["metrics"]["accuracy"] for r in result.history)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adamix_zoo import AdaMixConfig, AdaMixModel
-from adamix_zoo.methods import MixtureOfAdapters, MixtureOfLoRA
+from adamix_zoo.mixtures import MixtureOfAdapters, MixtureOfLoRA
 from tests.tiny import TINY_CONFIGS, tiny_batch, tiny_model
 
 EXPECTED_LORA_TARGETS = {

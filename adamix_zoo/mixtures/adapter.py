@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adamix_zoo.methods.lora import linear_dims
+from adamix_zoo.mixtures.lora import linear_dims
 from adamix_zoo.routing import Router, grouped_delta, routed_linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}

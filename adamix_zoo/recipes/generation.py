@@ -1,8 +1,9 @@
 """The data-to-text recipe: setup -> train -> evaluate by generation -> save.
 
-Same output folder as the GLUE recipe (run_config.json, metrics.jsonl, final_metrics.json,
-adamix_experts.safetensors, merged/), plus generations.jsonl with every output and its references.
-The LM head is the backbone's own (tied embeddings), so nothing besides the adapters trains.
+Same run folder as the GLUE recipe (``adamix_zoo.formats.run_folder``), plus generations.jsonl with
+every output and its references. The LM head is the backbone's own (tied embeddings), so nothing
+besides the adapters trains. The steps run in the shared loop (``adamix_zoo.loop``) with the
+token-masked LM loss as its hook, AdamW and ``transformers``' linear warmup schedule.
 """
 
 from __future__ import annotations
@@ -12,41 +13,35 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adamix_zoo.backbones import fingerprint, resolve_backbone
-from adamix_zoo.config import AdaMixConfig
+from adamix_zoo.config import ADAPTER_METHODS, AdaMixConfig, method_config, split_options
+from adamix_zoo.formats.files import CURVE_FILE, GENERATIONS_FILE, MERGED_DIR, METADATA_FILE
+from adamix_zoo.formats.run_folder import RunFolder, run_config
 from adamix_zoo.generation.data import collate_lm, encode_pair, grouped_examples, load_split, training_pairs
 from adamix_zoo.generation.generate import generate_examples
 from adamix_zoo.generation.metrics import nlg_metrics
 from adamix_zoo.generation.objective import lm_loss
 from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, get_nlg_task
-from adamix_zoo.io import (
-    CURVE_FILE,
-    EXPERTS_FILE,
-    FINAL_METRICS_FILE,
-    MERGED_DIR,
-    METADATA_FILE,
-    METRICS_FILE,
-    RUN_CONFIG_FILE,
-    save_experts,
-    save_merged,
-)
+from adamix_zoo.loop import train_steps
 from adamix_zoo.model import AdaMixModel
+from adamix_zoo.optim import make_scheduler
 from adamix_zoo.plots import plot_curve
-from adamix_zoo.training import PRECISIONS, autocast, resolve_precision, select_device, seed_everything
+from adamix_zoo.runtime import PRECISIONS, resolve_precision, seed_everything, select_device
 
-METHODS = {  # method -> (kind, mixture?)
-    "lora": ("lora", False),
-    "adapter": ("adapter", False),
-    "adamix-lora": ("lora", True),
-    "adamix-adapter": ("adapter", True),
-}
+METHODS = ADAPTER_METHODS
+LOG_EVERY = 10  # steps between the records of metrics.jsonl
+
+
+def generation_adamix() -> AdaMixConfig:
+    """The official NLG setup: LoRA rank 4, alpha 32, task loss on the first pass (GPT-2 AdaMix)."""
+    return AdaMixConfig(rank=4, alpha=32.0, task_loss_passes="first")
 
 
 @dataclass
@@ -58,17 +53,10 @@ class GenerationArgs:
     backbone: str = field(default="smollm2-135m", metadata={"help": "Alias, hub id or local folder."})
     output_dir: str = field(default="runs/e2e", metadata={"help": "Where the run is written."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder with <task>/<split>.jsonl; None: hub."})
-    num_experts: int = field(default=4, metadata={"help": "Experts K for the adamix methods."})
-    rank: int = field(default=4, metadata={"help": "LoRA rank (official NLG setup: 4)."})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (official NLG setup: 32)."})
-    bottleneck: int = field(default=16, metadata={"help": "Adapter bottleneck size."})
-    sharing: str = field(default="up", metadata={"help": "Shared projection: up, down or none."})
-    consistency_weight: float | None = field(
-        default=None, metadata={"help": "Token-masked KL weight (adamix); None: the lm default of AdaMixConfig (official GPT-2: 100)."})
-    task_loss_passes: str = field(
-        default="first", metadata={"help": "Cross-entropy on the first pass (official GPT-2) or both."})
-    routing: str = field(default="row", metadata={"help": "Training routing: row or batch."})
-    expert_init: str = field(default="identical", metadata={"help": "identical or independent experts."})
+    adamix: AdaMixConfig = field(default_factory=generation_adamix, metadata={
+        "help": "The mixture (rank 4, alpha 32, K=4, cross-entropy on the first pass by default; "
+                "consistency_weight None: the lm default, official GPT-2: 100); the method sets its kind "
+                "and K=1 for the lora / adapter baselines."})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), bf16 or fp32."})
     train_size: int = field(default=2000, metadata={"help": "Training (source, reference) pairs used."})
     eval_size: int = field(default=100, metadata={"help": "Distinct validation sources scored."})
@@ -92,16 +80,22 @@ class GenerationArgs:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        self.adamix_config()  # the mixture fields are validated by AdaMixConfig
+        self.adamix_config()
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "GenerationArgs":
+        """From flat options, the mixture's among them (``rank=8, num_experts=2, ...``)."""
+        mixture, rest = split_options(options)
+        base = rest.pop("adamix", generation_adamix())
+        return cls(**rest, adamix=dataclasses.replace(base, **mixture))
+
+    def options(self) -> dict[str, Any]:
+        """The flat options (``from_options`` inverts it); run_config.json's ``train`` block."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adamix"}
+        return flat | split_options(self.adamix.to_dict())[0]
 
     def adamix_config(self) -> AdaMixConfig:
-        kind, mixture = METHODS[self.method]
-        return AdaMixConfig(
-            kind=kind, num_experts=self.num_experts if mixture else 1, rank=self.rank, alpha=self.alpha,
-            bottleneck=self.bottleneck, sharing=self.sharing, seed=self.seed,
-            consistency_weight=self.consistency_weight if mixture else 0.0,
-            task_loss_passes=self.task_loss_passes, routing=self.routing, expert_init=self.expert_init,
-        )
+        return method_config(self.method, self.adamix, self.seed)
 
 
 def load_backbone(name: str, device: torch.device):
@@ -114,30 +108,23 @@ def load_backbone(name: str, device: torch.device):
 
 
 def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, device, log) -> list[dict]:
-    """The training loop; returns one record per logged step."""
+    """The optimizer steps; returns one record (step, loss, lr) per ``LOG_EVERY`` steps and the last."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * args.steps), args.steps)
-    weight = model.config.consistency_weight_for("lm")
-    precision = resolve_precision(args.precision, device)
-    records, batches = [], iter(())
-    model.train()
-    for step in tqdm(range(1, args.steps + 1), desc=f"{args.method} {args.task}", leave=False):
-        batch = next(batches, None)
-        if batch is None:
-            batches = iter(loader)
-            batch = next(batches)
-        with autocast(device, precision):
-            loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()}, weight,
-                           model.config.task_loss_passes)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == args.steps:
-            records.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+    scheduler = make_scheduler(optimizer, args.steps, math.ceil(args.warmup_ratio * args.steps), warmup_offset=0)
+    weight, passes = model.config.consistency_weight_for("lm"), model.config.task_loss_passes
+    records: list[dict] = []
+
+    def record(step: int, loss: float) -> None:
+        if step % LOG_EVERY == 0 or step == args.steps:
+            records.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
             log(records[-1])
+
+    bar = tqdm(total=args.steps, desc=f"{args.method} {args.task}", leave=False)
+    train_steps(model, loader, None, args.steps, optimizer, scheduler, max_grad_norm=args.max_grad_norm,
+                device=device, progress=bar, precision=resolve_precision(args.precision, device),
+                loss_fn=lambda m, batch: (lm_loss(m, batch, weight, passes), {}), on_step=record)
+    bar.close()
     return records
 
 
@@ -146,8 +133,7 @@ def run_generation(args: GenerationArgs) -> dict:
     seed_everything(args.seed)
     device = select_device()
     task = get_nlg_task(args.task)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(args.output_dir)
     backbone, tokenizer, path = load_backbone(args.backbone, device)
     base_fingerprint = fingerprint(backbone)
     model = AdaMixModel(backbone, args.adamix_config(), head_modules=[])
@@ -158,38 +144,32 @@ def run_generation(args: GenerationArgs) -> dict:
                         generator=torch.Generator().manual_seed(args.seed),
                         collate_fn=lambda f: collate_lm(f, tokenizer.pad_token_id))
     examples = grouped_examples(task, load_split(task, "validation", args.data_dir), limit=args.eval_size)
+    folder.start(run_config(
+        task=args.task, method=args.method, backbone=args.backbone, backbone_path=path,
+        backbone_fingerprint=base_fingerprint, problem="lm", label_names=[], adamix=model.config.to_dict(),
+        train=args.options(), seed=args.seed, prompt_template=PROMPT_TEMPLATE,
+        data={"source": args.data_dir or task.hub_id, "train_size": len(pairs),
+              "validation_size": len(examples), "few_shot": None},
+    ))
 
-    metrics_log = (out / METRICS_FILE).open("w")
     start = time.perf_counter()
-    records = train_lm(model, loader, args, device, lambda r: metrics_log.write(json.dumps(r) + "\n"))
+    records = train_lm(model, loader, args, device, folder.log)
     train_seconds = time.perf_counter() - start
     model.eval()
     outputs = generate_examples(model, tokenizer, task, examples, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens)
     metrics = nlg_metrics(outputs, [list(e.references) for e in examples])
     final = {"main_metric": "bleu", "best_step": args.steps, **metrics, "train_seconds": train_seconds}
-    metrics_log.write(json.dumps({"step": args.steps, "eval": metrics}) + "\n")
-    metrics_log.close()
+    folder.log({"step": args.steps, "eval": metrics})
 
-    with (out / "generations.jsonl").open("w") as f:
+    with (folder.out / GENERATIONS_FILE).open("w") as f:
         for e, o in zip(examples, outputs):
             f.write(json.dumps({"source": e.source, "output": o, "references": list(e.references)}) + "\n")
-    save_experts(model, out / EXPERTS_FILE)
-    merged = save_merged(model, out / MERGED_DIR, base_model=args.backbone)
-    base_model = {"id": args.backbone, "fingerprint": base_fingerprint}
+    folder.save_adapter(model, args.backbone)
     # What a serving engine needs to attach the merged folder as a generation task (no head).
-    (merged / METADATA_FILE).write_text(json.dumps(
-        {"task": args.task, "problem": "lm", "prompt_template": PROMPT_TEMPLATE, "base_model": base_model},
-        indent=2))
-    run_config = {
-        "task": args.task, "method": args.method, "backbone": args.backbone, "backbone_path": path,
-        "backbone_fingerprint": base_fingerprint, "problem": "lm", "label_names": [],
-        "prompt_template": PROMPT_TEMPLATE,
-        "adamix": model.config.to_dict(), "train": dataclasses.asdict(args), "seed": args.seed,
-        "data": {"source": args.data_dir or task.hub_id, "train_size": len(pairs),
-                 "validation_size": len(examples), "few_shot": None},
-    }
-    (out / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
-    (out / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=2))
-    plot_curve(records, out / CURVE_FILE, None, title=f"{args.method} {args.task}")
+    base_model = {"id": args.backbone, "fingerprint": base_fingerprint}
+    folder.write_json(f"{MERGED_DIR}/{METADATA_FILE}", {"task": args.task, "problem": "lm",
+                                                        "prompt_template": PROMPT_TEMPLATE, "base_model": base_model})
+    folder.write_final(final)
+    plot_curve(records, folder.out / CURVE_FILE, None, title=f"{args.method} {args.task}")
     return final

@@ -1,13 +1,13 @@
 """Adapter kinds. Adding one means: a module here with a layer class, an entry in ``build_layer``,
-default targets in ``adamix_zoo.targets``, and its merged-file layout in ``adamix_zoo.io``."""
+default targets in ``adamix_zoo.targets``, and its merged-file layout in ``adamix_zoo.formats.merged``."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from adamix_zoo.config import AdaMixConfig
-from adamix_zoo.methods.adapter import MixtureOfAdapters
-from adamix_zoo.methods.lora import MixtureOfLoRA
+from adamix_zoo.mixtures.adapter import MixtureOfAdapters
+from adamix_zoo.mixtures.lora import MixtureOfLoRA
 from adamix_zoo.routing import Router
 
 MIXTURE_LAYERS = (MixtureOfLoRA, MixtureOfAdapters)

@@ -1,0 +1,47 @@
+"""The optimizer and the learning-rate schedule every recipe uses: AdamW, linear warmup and decay."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.01, head_lr: float | None = None
+) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters; no weight decay on biases and normalisation weights.
+
+    Args:
+        head_lr: learning rate of the task head (``head.*``); None uses ``lr``. A freshly drawn
+            head on a frozen encoder often wants a higher rate than the adapters or the backbone.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            no_decay = name.endswith("bias") or "norm" in name.lower()
+            groups.setdefault((name.startswith("head."), no_decay), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+          "lr": head_lr if is_head and head_lr is not None else lr}
+         for (is_head, no_decay), params in groups.items()],
+        lr=lr,
+    )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_offset: int = 1
+):
+    """Linear warmup to the peak learning rate, then linear decay to 0 at ``total_steps``.
+
+    Args:
+        warmup_offset: the factor of warmup step s is ``(s + warmup_offset) / warmup_steps``: 1
+            reaches the peak on the last warmup step (the GLUE recipe); 0 starts from 0, exactly
+            ``transformers.get_linear_schedule_with_warmup`` (the data-to-text recipe).
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step + warmup_offset) / float(warmup_steps)
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
