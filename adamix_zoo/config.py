@@ -173,3 +173,17 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     """Flat options -> (AdaMixConfig fields among them, the rest)."""
     mixture = {k: v for k, v in options.items() if k in OPTION_FIELDS}
     return mixture, {k: v for k, v in options.items() if k not in OPTION_FIELDS}
+
+
+def args_from_options(cls: type, default: AdaMixConfig, options: dict[str, Any]) -> Any:
+    """A recipe's arguments (a dataclass with an ``adamix`` field) from flat options: the mixture's
+    fields among them change ``default`` (or the ``adamix`` option), the rest go to ``cls``."""
+    mixture, rest = split_options(options)
+    base = rest.pop("adamix", default)
+    return cls(**rest, adamix=dataclasses.replace(base, **mixture))
+
+
+def flat_options(args: Any) -> dict[str, Any]:
+    """The inverse of ``args_from_options``: every field, the mixture's flattened."""
+    flat = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name != "adamix"}
+    return flat | split_options(args.adamix.to_dict())[0]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adamix_zoo.metrics import compute_metrics
 from adamix_zoo.glue_tasks import TaskSpec, get_task
+from adamix_zoo.metrics import compute_metrics
 from adamix_zoo.model import AdaMixModel
 from adamix_zoo.runtime import autocast, select_device
 

@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamix_zoo import AdaMixConfig, AdaMixModel, save_merged  # noqa: E402
 from adamix_zoo.backbones import fingerprint, resolve_backbone  # noqa: E402
-from adamix_zoo.heads import ClassificationHead, save_head  # noqa: E402
 from adamix_zoo.formats.files import HEAD_FILE, METADATA_FILE  # noqa: E402
+from adamix_zoo.heads import ClassificationHead, save_head  # noqa: E402
 from bench.report import machine, markdown_table, write_json, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/serving.py"

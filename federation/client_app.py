@@ -22,14 +22,12 @@ from federation.task import (
     batches,
     build_model,
     client_data,
+    evaluate_examples,
     head_of,
     load_head_state,
     load_shared_state,
     shared_state,
     train_round,
-)
-from federation.task import (
-    evaluate_examples,
 )
 
 LOCAL_HEAD = "local-head"  # Context.state key of a head that never leaves the client

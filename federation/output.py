@@ -95,8 +95,8 @@ def publish(folder: Path, cfg: FederationConfig, task: str) -> str | None:
     """
     if not cfg.publish:
         return None
-    from registry import Store
     from adamix_zoo.formats.names import DEFAULT_NAMESPACE
+    from registry import Store
 
     store = Store(cfg.registry_dir or None)
     info = store.publish(folder, task=task, namespace=cfg.publish_namespace or DEFAULT_NAMESPACE)

@@ -18,9 +18,9 @@ import torch
 
 from adamix_zoo import data
 from adamix_zoo.backbones import resolve_backbone
-from adamix_zoo.heads import TaskModel
-from adamix_zoo.glue_tasks import TaskSpec, get_task
 from adamix_zoo.evaluation import evaluate_model
+from adamix_zoo.glue_tasks import TaskSpec, get_task
+from adamix_zoo.heads import TaskModel
 from adamix_zoo.loop import train_steps
 from adamix_zoo.optim import make_optimizer
 from adamix_zoo.runtime import select_device

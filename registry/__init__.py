@@ -4,9 +4,9 @@
 lazily).
 """
 
+from adamix_zoo.formats.names import EntryRef, parse_ref
 from registry.export import export_peft
 from registry.merging import merge_entries
-from adamix_zoo.formats.names import EntryRef, parse_ref
 from registry.remote import pull_folder, pull_hub, push_folder, push_hub
 from registry.store import EntryExistsError, EntryInfo, EntryNotFoundError, Store, default_home
 

@@ -9,7 +9,6 @@ run is refused before anything is written to the store.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any

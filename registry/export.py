@@ -8,7 +8,6 @@ from pathlib import Path
 
 from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MODEL_CARD_FILE
 from adamix_zoo.formats.merged import read_adapter_config
-
 from registry.entry import head_files
 from registry.store import EntryInfo, Store
 

@@ -48,7 +48,6 @@ from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, 
 from adamix_zoo.formats.merged import ADAPTER_SUFFIXES, LORA_SUFFIXES, PEFT_PREFIX, group_modules, read_merged
 from adamix_zoo.formats.metadata import read_metadata
 from adamix_zoo.formats.names import DEFAULT_NAMESPACE
-
 from registry.entry import HEADS_DIR
 from registry.store import EntryInfo, Store
 

@@ -36,7 +36,6 @@ from typing import Any, Iterator
 from adamix_zoo.formats.files import METADATA_FILE, MODEL_CARD_FILE
 from adamix_zoo.formats.metadata import hash_files, read_metadata, verify_files
 from adamix_zoo.formats.names import DEFAULT_NAMESPACE, EntryRef, parse_ref, validate_part
-
 from registry.model_card import model_card
 
 try:  # POSIX advisory locks mark staging folders in use; elsewhere gc relies on their age alone
@@ -242,8 +241,8 @@ class Store:
                 names both), an unknown task, or files that fail verification.
         """
         from adamix_zoo.backbones import fingerprint
-        from adamix_zoo.heads import TaskModel, load_head
         from adamix_zoo.formats.merged import load_merged
+        from adamix_zoo.heads import TaskModel, load_head
 
         folder = self.get(ref)
         meta = read_metadata(folder)

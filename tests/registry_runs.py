@@ -13,8 +13,8 @@ import torch
 
 from adamix_zoo import AdaMixConfig, AdaMixModel, save_experts, save_merged
 from adamix_zoo.backbones import fingerprint
-from adamix_zoo.heads import ClassificationHead, TaskModel, save_head
 from adamix_zoo.formats.files import EXPERTS_FILE, HEAD_FILE
+from adamix_zoo.heads import ClassificationHead, TaskModel, save_head
 from tests.tiny import tiny_model
 
 TINY_BACKBONE = "tiny-bert"

@@ -13,8 +13,8 @@ from adamix_zoo.generation.data import IGNORE, collate_lm, encode_pair, grouped_
 from adamix_zoo.generation.generate import generate
 from adamix_zoo.generation.metrics import bleu, nist, nlg_metrics, rouge_l
 from adamix_zoo.generation.objective import lm_loss
-from adamix_zoo.recipes.generation import METHODS, GenerationArgs
 from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, NLGTask, get_nlg_task
+from adamix_zoo.recipes.generation import METHODS, GenerationArgs
 from tests.tiny import tiny_model, tiny_tokenizer
 
 NAMES, FOODS = [f"n{i}" for i in range(6)], [f"f{i}" for i in range(5)]
@@ -221,3 +221,48 @@ def test_a_published_generation_run_serves_what_the_recipe_generated(tmp_path):
     assert generate(lm, tokenizer, TOY, [generations[0]["source"]], max_new_tokens=4) == [
         generations[0]["output"]
     ]
+
+
+def test_cli_train_e2e_without_options_uses_the_generation_defaults(tmp_path, monkeypatch):
+    """No GLUE default (rank 8, alpha 16, batch 32, length 128, decay 0.01) leaks into the NLG recipe."""
+    from typer.testing import CliRunner
+
+    import adamix_zoo.recipes.generation as recipe
+    from adamix_zoo.cli import _register_commands, app
+
+    seen = {}
+    monkeypatch.setattr(recipe, "run_generation", lambda args: seen.setdefault("args", args) and {"bleu": 1.0})
+    monkeypatch.chdir(tmp_path)
+    _register_commands()
+    result = CliRunner().invoke(app, ["train", "--task", "e2e"])
+    assert result.exit_code == 0, result.output
+    args, defaults = seen["args"], GenerationArgs()
+    config = args.adamix_config()
+    assert (config.rank, config.alpha, config.num_experts, config.task_loss_passes) == (4, 32.0, 4, "first")
+    assert (args.batch_size, args.max_length, args.weight_decay) == (8, 96, 0.0)
+    assert args.adamix == defaults.adamix
+    assert (args.steps, args.train_size, args.eval_size, args.lr) == (
+        defaults.steps, defaults.train_size, defaults.eval_size, defaults.lr)
+
+
+@pytest.mark.parametrize(("steps", "ratio"), [(300, 0.06), (80, 0.06), (7, 0.5), (10, 0.0)])
+def test_the_recipe_schedule_is_transformers_linear_warmup(steps, ratio):
+    """``make_scheduler(warmup_offset=0)`` gives exactly get_linear_schedule_with_warmup's rates."""
+    import math
+
+    from transformers import get_linear_schedule_with_warmup
+
+    from adamix_zoo.optim import make_scheduler
+
+    def rates(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        scheduler, out = make(opt), []
+        for _ in range(steps):
+            opt.step()
+            scheduler.step()
+            out.append(scheduler.get_last_lr()[0])
+        return out
+
+    warmup = math.ceil(ratio * steps)
+    assert rates(lambda o: make_scheduler(o, steps, warmup, warmup_offset=0)) == rates(
+        lambda o: get_linear_schedule_with_warmup(o, warmup, steps))

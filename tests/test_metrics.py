@@ -5,8 +5,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from adamix_zoo.metrics import accuracy, compute_metrics, f1, mcc, pearson, rank, spearman
 from adamix_zoo.glue_tasks import get_task
+from adamix_zoo.metrics import accuracy, compute_metrics, f1, mcc, pearson, rank, spearman
 
 RNG = np.random.default_rng(0)
 LABELS = RNG.integers(0, 2, 200)

@@ -8,9 +8,9 @@ from peft.tuners.lora import LoraModel
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from adamix_zoo.heads import load_head
 from adamix_zoo.formats.files import ADAPTER_WEIGHTS_FILE
 from adamix_zoo.formats.merged import PEFT_PREFIX
+from adamix_zoo.heads import load_head
 from registry import Store
 from registry.merging import merge_entries
 from tests.registry_runs import make_run

@@ -9,9 +9,9 @@ from torch.testing import assert_close
 
 from adamix_zoo.formats.experts import load_experts
 from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, EXPERTS_FILE, METADATA_FILE, MODEL_CARD_FILE
+from adamix_zoo.formats.metadata import sha256_file
 from registry import EntryExistsError, EntryNotFoundError, Store, default_home, parse_ref
 from registry.export import export_peft
-from adamix_zoo.formats.metadata import sha256_file
 from tests.registry_runs import make_run, trained_task_model, write_run
 from tests.tiny import tiny_batch, tiny_model
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from adamix_zoo import AdaMixConfig, AdaMixModel
-from adamix_zoo.mixtures import MixtureOfLoRA
 from adamix_zoo.consistency import two_routed_passes
+from adamix_zoo.mixtures import MixtureOfLoRA
 from adamix_zoo.routing import Router, routed_groups
 from tests.tiny import tiny_batch, tiny_model
 

@@ -8,7 +8,6 @@ token-masked LM loss as its hook, AdamW and ``transformers``' linear warmup sche
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adamix_zoo.backbones import fingerprint, resolve_backbone
-from adamix_zoo.config import ADAPTER_METHODS, AdaMixConfig, method_config, split_options
+from adamix_zoo.config import ADAPTER_METHODS, AdaMixConfig, args_from_options, flat_options, method_config
 from adamix_zoo.formats.files import CURVE_FILE, GENERATIONS_FILE, MERGED_DIR, METADATA_FILE
 from adamix_zoo.formats.run_folder import RunFolder, run_config
 from adamix_zoo.generation.data import collate_lm, encode_pair, grouped_examples, load_split, training_pairs
@@ -85,14 +84,11 @@ class GenerationArgs:
     @classmethod
     def from_options(cls, **options: Any) -> "GenerationArgs":
         """From flat options, the mixture's among them (``rank=8, num_experts=2, ...``)."""
-        mixture, rest = split_options(options)
-        base = rest.pop("adamix", generation_adamix())
-        return cls(**rest, adamix=dataclasses.replace(base, **mixture))
+        return args_from_options(cls, generation_adamix(), options)
 
     def options(self) -> dict[str, Any]:
         """The flat options (``from_options`` inverts it); run_config.json's ``train`` block."""
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adamix"}
-        return flat | split_options(self.adamix.to_dict())[0]
+        return flat_options(self)
 
     def adamix_config(self) -> AdaMixConfig:
         return method_config(self.method, self.adamix, self.seed)

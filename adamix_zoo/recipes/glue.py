@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from adamix_zoo.config import ADAPTER_METHODS, AdaMixConfig, method_config, split_options
+from adamix_zoo.config import ADAPTER_METHODS, AdaMixConfig, args_from_options, flat_options, method_config
 from adamix_zoo.data import Loaders, make_loaders
 from adamix_zoo.evaluation import analyze_experts, evaluate_model
 from adamix_zoo.formats.files import ANALYSIS_FILE, CURVE_FILE, SPREAD_FILE
@@ -106,14 +106,11 @@ class TrainArgs:
     @classmethod
     def from_options(cls, **options: Any) -> "TrainArgs":
         """From flat options, the mixture's among them (``rank=4, routing="batch", ...``)."""
-        mixture, rest = split_options(options)
-        base = rest.pop("adamix", AdaMixConfig())
-        return cls(**rest, adamix=dataclasses.replace(base, **mixture))
+        return args_from_options(cls, AdaMixConfig(), options)
 
     def options(self) -> dict[str, Any]:
         """The flat options (``from_options`` inverts it); run_config.json's ``train`` block."""
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adamix"}
-        return flat | split_options(self.adamix.to_dict())[0]
+        return flat_options(self)
 
     @property
     def learning_rate(self) -> float:
