@@ -19,7 +19,7 @@ from torch import nn
 from adamix_zoo.glue_tasks import TaskSpec, get_task
 from adamix_zoo.metrics import compute_metrics
 from adamix_zoo.model import AdaMixModel
-from adamix_zoo.runtime import autocast, select_device
+from adamix_zoo.runtime import autocast, resolve_precision, select_device
 
 
 @torch.no_grad()
@@ -184,8 +184,10 @@ def evaluate_run(
     validation_subset: int = 0,
     batch_size: int = 64,
     device: str = "auto",
+    precision: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate a run folder on its task's validation split (as configured at training time)."""
+    """Evaluate a run folder on its task's validation split (as configured at training time);
+    ``precision`` None evaluates in the precision the run was evaluated in while training."""
     from transformers import AutoTokenizer
 
     from adamix_zoo.backbones import resolve_backbone
@@ -199,7 +201,8 @@ def evaluate_run(
     validation = load_validation(task, data_dir, validation_subset, train_args["data_seed"])
     loader = eval_loader(validation, task, tokenizer, train_args["max_length"], batch_size)
     target = select_device(device)
-    return evaluate_model(model.to(target), loader, task, target)
+    precision = resolve_precision(precision or train_args.get("precision", "fp32"), target)
+    return evaluate_model(model.to(target), loader, task, target, precision)
 
 
 def analyze_run(
@@ -223,7 +226,8 @@ def analyze_run(
     validation = load_validation(task, data_dir, validation_subset, train_args["data_seed"])
     loader = eval_loader(validation, task, tokenizer, train_args["max_length"])
     target = select_device(device)
-    analysis = analyze_experts(model.to(target), loader, task, num_random, config["seed"], target)
+    precision = resolve_precision(train_args.get("precision", "fp32"), target)
+    analysis = analyze_experts(model.to(target), loader, task, num_random, config["seed"], target, precision)
     (Path(run_dir) / ANALYSIS_FILE).write_text(json.dumps(analysis, indent=2) + "\n")
     plot_expert_spread(analysis, Path(run_dir) / SPREAD_FILE, title=config["method"])
     return analysis
