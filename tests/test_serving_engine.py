@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from adamix_zoo.formats.files import HEAD_FILE, METADATA_FILE
 from adamix_zoo.heads import ClassificationHead, TaskModel, load_head, save_head
-from adamix_zoo.io import HEAD_FILE, METADATA_FILE
 from adamix_zoo.serving import InputError, ServingEngine, UnknownTaskError
 from adamix_zoo.serving.engine import FingerprintMismatchError
 from tests.test_serving_utils import make_task, reference, sentence, standard_tasks, tiny_tokenizer
@@ -239,7 +239,7 @@ def test_encode_refuses_bad_inputs_clearly(tasks):
 def test_refuses_foreign_tensor_names_clearly(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from adamix_zoo.io import ADAPTER_WEIGHTS_FILE
+    from adamix_zoo.formats.files import ADAPTER_WEIGHTS_FILE
 
     folder = make_task(tmp_path, "t", metadata={})
     weights = folder / ADAPTER_WEIGHTS_FILE

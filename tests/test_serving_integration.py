@@ -13,8 +13,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from adamix_zoo import AdaMixConfig, AdaMixModel, load_merged, save_merged
 from adamix_zoo.backbones import fingerprint, resolve_backbone
+from adamix_zoo.formats.files import HEAD_FILE, METADATA_FILE
 from adamix_zoo.heads import ClassificationHead, TaskModel, load_head, save_head
-from adamix_zoo.io import HEAD_FILE, METADATA_FILE
 from tests.test_serving_utils import free_port
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerFast
 
 from adamix_zoo import AdaMixConfig, AdaMixModel, load_merged, save_merged
 from adamix_zoo.backbones import fingerprint
+from adamix_zoo.formats.files import HEAD_FILE, METADATA_FILE
 from adamix_zoo.heads import ClassificationHead, TaskModel, load_head, save_head
-from adamix_zoo.io import HEAD_FILE, METADATA_FILE
 from tests.tiny import tiny_model
 
 WORDS = [f"w{i}" for i in range(4, 100)]

@@ -237,7 +237,11 @@ def group_modules(
         if split is None:
             if any(name.startswith(h + ".") for h in heads):
                 continue
-            raise ValueError(f"unexpected tensor {key!r} in the merged adapter")
+            what = "a LoRA A/B" if suffixes == LORA_SUFFIXES else "an adapter"
+            raise ValueError(
+                f"unexpected tensor {key!r} in the merged adapter: {key!r} is not {what} weight "
+                "nor a head of modules_to_save"
+            )
         module, suffix = split
         modules.setdefault(module, {})[suffix] = tensor
     for module, parts in modules.items():

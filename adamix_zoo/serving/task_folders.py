@@ -1,63 +1,42 @@
 """Read one task's merged adapter folder into plain tensors the multi-task engine can stack.
 
-A task folder is what ``adamix_zoo.io.save_merged`` writes (``adapter_model.safetensors`` +
+A task folder is what ``adamix_zoo.formats.merged.save_merged`` writes (``adapter_model.safetensors`` +
 ``adapter_config.json``, PEFT LoRA layout or ``ADAMIX_ADAPTER``), plus ``head.safetensors``
 (``adamix_zoo.heads.save_head``) and optionally ``adamix.json`` (label names, base model
 fingerprint, task, version). A generation task (``"problem": "lm"`` in ``adamix.json``) has no
 head: the causal LM's own output layer answers, and its ``prompt_template`` says how to build the
 prompt. Nothing here touches the backbone: ``compatibility`` checks shapes and fingerprints when
-the engine attaches the adapter. The task-name rule is serving's own copy, isolated in one block.
+the engine attaches the adapter.
+Tensors are read by the one merged reader (``formats.merged.read_merged``); task names follow
+the registry's rule (``formats.names``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adamix_zoo.formats.files import ADAPTER_WEIGHTS_FILE, HEAD_FILE
+from adamix_zoo.formats.merged import ADAPTER_PEFT_TYPE, MergedAdapter, read_merged
+from adamix_zoo.formats.metadata import read_task_metadata
+from adamix_zoo.formats.names import validate_part
 from adamix_zoo.heads import ClassificationHead, load_head
-from adamix_zoo.io import (
-    ADAPTER_PEFT_TYPE,
-    ADAPTER_WEIGHTS_FILE,
-    HEAD_FILE,
-    METADATA_FILE,
-    read_adapter_config,
-    read_safetensors,
-)
-
-# -- serving's copy of the registry's naming rule (to be replaced by the shared formats module) ------
-# '+' names cross-task merged entries such as sst2+rte.
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
 def check_task_name(name: str) -> str:
-    """Task names become URL parts and registry keys: no separators, no '..', at most 64 chars.
+    """Task names become URL parts and registry keys: the registry's name rule (``formats.names``).
 
     Raises:
-        ValueError: the name does not match ``[A-Za-z0-9][A-Za-z0-9._+-]{0,63}``.
+        ValueError: ``invalid task name ...`` with the rule broken.
     """
-    if not isinstance(name, str) or not TASK_NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid task name {name!r}: use 1-64 letters, digits, '.', '_', '+' or '-', "
-            "starting with a letter or digit, without '..'"
-        )
-    return name
-
-
-# -- merged adapter tensors ----------------------------------------------------------------------------
-# PEFT saves "<prefix><module>.lora_A.weight"; some tools keep the adapter name before ".weight".
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$"
-)
-_ADAPTER_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.adapter_(?P<part>(?:down|up)\.(?:weight|bias))$"
-)
+    try:
+        return validate_part("task", name)
+    except ValueError as err:
+        raise ValueError(f"invalid task name {name!r}: {err}") from None
 
 
 @dataclass
@@ -119,21 +98,8 @@ class TaskAdapter:
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
-    """``adamix.json`` as a dict; {} when absent. Written by the registry, so read defensively.
-
-    Raises:
-        ValueError: the file exists but is not a JSON object.
-    """
-    path = directory / METADATA_FILE
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read task metadata {path}: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"task metadata {path} must be a JSON object, got {type(data).__name__}")
-    return data
+    """``adamix.json`` as a dict; {} when absent (``formats.metadata.read_task_metadata``)."""
+    return read_task_metadata(directory)
 
 
 def _base_model(metadata: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -239,61 +205,33 @@ def _version(metadata: dict[str, Any], weights: Path) -> str:
     return "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
-def _by_module(
-    tensors: dict[str, torch.Tensor], key: re.Pattern[str], what: str, where: Path
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Tensors grouped by the module their key names, each under its ``part`` (e.g. "A", "up_bias").
-
-    Raises:
-        ValueError: a key that ``key`` does not match (only adapter tensors can be served).
-    """
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        match = key.match(name)
-        if match is None:
-            raise ValueError(
-                f"{where}: tensor {name!r} is not {what} weight; only adapter tensors can be served"
-            )
-        parts.setdefault(match["module"], {})[match["part"].replace(".", "_")] = tensor
-    return parts
-
-
-def _lora_tensors(
-    tensors: dict[str, torch.Tensor], config: dict[str, Any], where: Path
-) -> dict[str, LoRAWeights]:
+def _lora_tensors(merged: MergedAdapter) -> dict[str, LoRAWeights]:
+    config, where = merged.config, merged.where / ADAPTER_WEIGHTS_FILE
     for option in ("rank_pattern", "alpha_pattern"):
         if config.get(option):
             raise ValueError(f"{where}: LoRA {option} is not supported by the serving engine")
     if config.get("use_dora"):
         raise ValueError(f"{where}: DoRA adapters are not supported by the serving engine")
-    parts = _by_module(tensors, _LORA_KEY, "a LoRA A/B", where)
-    alpha = float(config["lora_alpha"])
-    out = {}
-    for module, ab in parts.items():
-        if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
-            raise ValueError(
-                f"{where}: module {module} needs lora_A (r, d_in) and lora_B (d_out, r) of one rank"
-            )
-        rank = ab["A"].shape[0]
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        out[module] = LoRAWeights(ab["A"].float(), ab["B"].float(), scale)
-    return out
+    return {module: LoRAWeights(t.a.float(), t.b.float(), t.scale)
+            for module, t in _grouped(merged.lora, where).items()}
 
 
-def _adapter_tensors(
-    tensors: dict[str, torch.Tensor], config: dict[str, Any], where: Path
-) -> dict[str, AdapterWeights]:
-    parts = {
-        module: {name: t.float() for name, t in p.items()}
-        for module, p in _by_module(tensors, _ADAPTER_KEY, "an adapter", where).items()
+def _adapter_tensors(merged: MergedAdapter) -> dict[str, AdapterWeights]:
+    activation = merged.config.get("activation", "gelu")
+    where = merged.where / ADAPTER_WEIGHTS_FILE
+    return {
+        module: AdapterWeights(t.down_weight.float(), t.down_bias.float(), t.up_weight.float(),
+                               t.up_bias.float(), activation=activation)
+        for module, t in _grouped(merged.adapters, where).items()
     }
-    needed = {"down_weight", "down_bias", "up_weight", "up_bias"}
-    out = {}
-    for module, p in parts.items():
-        if set(p) != needed:
-            raise ValueError(f"{where}: module {module} misses {sorted(needed - set(p))}")
-        out[module] = AdapterWeights(**p, activation=config.get("activation", "gelu"))
-    return out
+
+
+def _grouped(read: Any, where: Path) -> dict[str, Any]:
+    """``read(strict=False)`` (other PEFT writers' keys accepted), errors prefixed with the file."""
+    try:
+        return read(strict=False)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def read_task_adapter(
@@ -318,7 +256,8 @@ def read_task_adapter(
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"task folder {directory} does not exist")
-    config = read_adapter_config(directory)
+    merged = read_merged(directory)
+    config = merged.config
     metadata = read_metadata(directory)
     head_name, head_path, head_info = _pick_head(directory, metadata, head)
     generates = head_info.get("problem", metadata.get("problem")) == "lm"
@@ -331,8 +270,7 @@ def read_task_adapter(
             )
         task_head = load_head(head_path).eval()
     weights = directory / ADAPTER_WEIGHTS_FILE
-    tensors = read_safetensors(weights)
-    kind = "lora" if config["peft_type"] == "LORA" else "adapter"
+    kind = merged.kind
     base_id, base_fp = _base_model(metadata)
     adapter = TaskAdapter(
         task=check_task_name(task or _default_task(directory, metadata, head_name)),
@@ -355,9 +293,9 @@ def read_task_adapter(
         ),
     )
     if config["peft_type"] == ADAPTER_PEFT_TYPE:
-        adapter.adapters = _adapter_tensors(tensors, config, weights)
+        adapter.adapters = _adapter_tensors(merged)
     else:
-        adapter.lora = _lora_tensors(tensors, config, weights)
+        adapter.lora = _lora_tensors(merged)
     if not adapter.lora and not adapter.adapters:
         raise ValueError(f"{weights} holds no adapter tensors")
     return adapter
