@@ -127,7 +127,7 @@ def test_method_configs():
     ("kw", "message"),
     [({"method": "prefix"}, "method='prefix'.*adamix-lora"), ({"task": "imdb"}, "unknown task"),
      ({"sharing": "both"}, "sharing"), ({"max_steps": -1}, "max_steps"), ({"lr": 0.0}, "lr"),
-     ({"max_steps": 0, "epochs": 0}, "epochs"), ({"warmup_ratio": 1.0}, "warmup_ratio")],
+     ({"epochs": -1}, "epochs"), ({"warmup_ratio": 1.0}, "warmup_ratio")],
 )
 def test_train_args_are_validated(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -199,7 +199,7 @@ def test_cli_train_then_eval(env, tmp_path):
                               "--batch-size", "16", "--output-dir", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{"):])
-    assert summary["best_step"] in (6,) and "accuracy" in summary
+    assert 1 <= summary["best_step"] <= 6 and "accuracy" in summary
     res = runner.invoke(app, ["eval", str(out), "--data-dir", env["data_dir"]])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output[res.output.index("{"):])["accuracy"] == pytest.approx(summary["accuracy"])
@@ -223,3 +223,14 @@ def test_optimizer_groups_head_rate_and_no_decay(env):
     assert (ids[id(lora_a)]["lr"], ids[id(lora_a)]["weight_decay"]) == (1e-3, 0.1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == trainable
+
+
+def test_default_budget_is_the_fidelity_protocol():
+    from adamix_zoo.recipes.glue import _schedule
+
+    assert _schedule(TrainArgs(method="lora"), steps_per_epoch=100) == (600, 36, 150)
+    assert _schedule(TrainArgs(method="adamix-lora"), steps_per_epoch=100) == (1200, 72, 300)
+    assert _schedule(TrainArgs(method="lora", epochs=2), steps_per_epoch=100)[0] == 200
+    assert _schedule(TrainArgs(method="lora", epochs=2, max_steps=7), steps_per_epoch=100)[0] == 7
+    defaults = TrainArgs()
+    assert (defaults.batch_size, defaults.head_lr, defaults.learning_rate) == (16, 1e-2, 1e-3)
