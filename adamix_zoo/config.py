@@ -15,6 +15,7 @@ ROUTING = ("row", "batch")
 EXPERT_INIT = ("identical", "independent")
 ADAPTER_INIT = ("normal", "zero-up")
 TASK_LOSS_PASSES = ("both", "first")
+SECOND_PASS = ("train", "target")
 PROBLEMS = ("classification", "regression", "lm")
 # Adapter methods: a plain kind is K=1 of the same code (the baselines); "adamix-<kind>" mixes K experts.
 ADAPTER_METHODS = ("lora", "adapter", "adamix-lora", "adamix-adapter")
@@ -87,6 +88,13 @@ class AdaMixConfig:
         metadata={"help": "Task loss on 'both' consistency passes (mean, as R-Drop) or the 'first' "
                   "only (official GPT-2 AdaMix)."},
     )
+    second_pass: str = field(
+        default="train",
+        metadata={"help": "The second consistency pass: 'train' (both passes backpropagate, run as one "
+                  "doubled batch) or 'target' (a forward without gradient that the first pass is pulled "
+                  "toward; about 1.5x a single adapter's step instead of 2x; the task loss is then "
+                  "the first pass's)."},
+    )
     eval_routing: str = field(
         default="merged",
         metadata={"help": "Routing outside training: 'merged', 'fixed' or 'random'."},
@@ -104,6 +112,7 @@ class AdaMixConfig:
         _check_choice("expert_init", self.expert_init, EXPERT_INIT)
         _check_choice("adapter_init", self.adapter_init, ADAPTER_INIT)
         _check_choice("task_loss_passes", self.task_loss_passes, TASK_LOSS_PASSES)
+        _check_choice("second_pass", self.second_pass, SECOND_PASS)
         for name in ("num_experts", "rank", "alpha", "bottleneck"):
             _check_positive(name, getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:

@@ -59,13 +59,22 @@ def consistency_loss(out1: torch.Tensor, out2: torch.Tensor, problem: str, mask=
 
 
 def two_routed_passes(
-    model: nn.Module, forward: Callable[[dict[str, Any]], Any], inputs: dict[str, Any]
+    model: nn.Module, forward: Callable[[dict[str, Any]], Any], inputs: dict[str, Any], second_pass: str = "train"
 ) -> tuple[Any, Any]:
-    """Outputs of two independently routed passes over ``inputs``, run as one doubled batch.
+    """Outputs of two independently routed passes over ``inputs``, run as one doubled batch; with
+    ``second_pass="target"`` the second is a separate forward without gradient.
 
     ``forward(batch)`` returns a tensor (or an object with ``.logits``) whose dim 0 is the batch.
     """
+    if second_pass == "target":
+        first = _logits(forward(inputs))
+        with torch.no_grad():
+            return first, _logits(forward(inputs))
     doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in inputs.items()}
     with routed_groups(model, 2):
         out = forward(doubled)
-    return out.chunk(2, dim=0) if torch.is_tensor(out) else out.logits.chunk(2, dim=0)
+    return _logits(out).chunk(2, dim=0)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out if torch.is_tensor(out) else out.logits

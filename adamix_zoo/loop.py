@@ -39,7 +39,8 @@ def task_loss_fn(model: nn.Module, task: TaskSpec, consistency_weight: float | N
         consistency_weight = model_consistency_weight(model, task.problem)
     config = model_adamix_config(model)
     passes = config.task_loss_passes if config is not None else "both"
-    return lambda m, batch: compute_loss(m, batch, task, consistency_weight, passes)
+    second = config.second_pass if config is not None else "train"
+    return lambda m, batch: compute_loss(m, batch, task, consistency_weight, passes, second)
 
 
 def train_steps(

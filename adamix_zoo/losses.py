@@ -28,20 +28,22 @@ def compute_loss(
     task: TaskSpec,
     consistency_weight: float,
     task_loss_passes: str = "both",
+    second_pass: str = "train",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of one batch: task loss, plus AdaMix's consistency term when weighted.
 
     With consistency, two passes route independently (and draw independent dropout), run as one
     doubled batch; the task loss is the mean over both passes (as in R-Drop) or, with
     ``task_loss_passes="first"``, the first pass's, and ``w * consistency(pass1, pass2)`` is added.
+    ``second_pass="target"`` runs the second pass without gradient (task loss on the first only).
     """
     if consistency_weight <= 0:
         loss = task_loss(_forward(model, batch), batch["labels"], task.problem)
         return loss, {"task_loss": loss.item(), "consistency": 0.0}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits, logits2 = two_routed_passes(model, lambda b: model(**b), inputs)
+    logits, logits2 = two_routed_passes(model, lambda b: model(**b), inputs, second_pass)
     loss = task_loss(logits, batch["labels"], task.problem)
-    if task_loss_passes == "both":
+    if task_loss_passes == "both" and second_pass == "train":
         loss = 0.5 * (loss + task_loss(logits2, batch["labels"], task.problem))
     squeeze = task.problem == "regression"
     reg = consistency_loss(

@@ -121,3 +121,22 @@ def test_consistency_weight_per_problem():
 def test_bad_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         AdaMixConfig(**{field: value})
+
+
+@pytest.mark.parametrize("second_pass", ["train", "target"])
+def test_second_pass_target_runs_without_gradient(second_pass):
+    from adamix_zoo.consistency import two_routed_passes
+
+    model = _wrapped("lora", routing="row", second_pass=second_pass)
+    model.train()
+    grad_modes: list[bool] = []
+
+    def forward(batch):
+        grad_modes.append(torch.is_grad_enabled())
+        return model(**batch).last_hidden_state
+
+    first, second = two_routed_passes(model, forward, tiny_batch(), second_pass)
+    assert first.shape == second.shape and first.requires_grad
+    assert grad_modes == ([True] if second_pass == "train" else [True, False])
+    assert second.requires_grad == (second_pass == "train")
+    assert not torch.allclose(first, second)  # independently routed

@@ -15,21 +15,23 @@ def lm_loss(
     batch: dict[str, torch.Tensor],
     consistency_weight: float = 0.0,
     task_loss_passes: str = "first",
+    second_pass: str = "train",
 ) -> torch.Tensor:
     """Cross-entropy on target tokens; with a weight > 0, a second stochastically routed pass and
     ``w * token_masked_kl`` between the two passes' next-token distributions on target positions.
-    The cross-entropy is the first pass's (official GPT-2 AdaMix) or, with ``"both"``, their mean.
+    The cross-entropy is the first pass's (official GPT-2 AdaMix) or, with ``"both"``, their mean;
+    ``second_pass="target"`` runs the second pass without gradient.
 
     batch: input_ids, attention_mask, labels (batch, seq), labels IGNORE on prompt and padding.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if consistency_weight <= 0:
         return model(**inputs, labels=batch["labels"]).loss
-    first, second = two_routed_passes(model, lambda b: model(**b), inputs)  # (batch, seq, vocab) each
+    first, second = two_routed_passes(model, lambda b: model(**b), inputs, second_pass)  # (batch, seq, vocab)
     # logits at position t predict token t + 1: the loss and the KL count target positions only
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
-    passes = (first, second) if task_loss_passes == "both" else (first,)
+    passes = (first, second) if task_loss_passes == "both" and second_pass == "train" else (first,)
     ce = sum(F.cross_entropy(lg[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
              for lg in passes) / len(passes)
     consistency = token_masked_kl(first[:, :-1], second[:, :-1], mask)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +109,11 @@ def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, devic
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.steps, math.ceil(args.warmup_ratio * args.steps), warmup_offset=0)
-    weight, passes = model.config.consistency_weight_for("lm"), model.config.task_loss_passes
+    weight, config = model.config.consistency_weight_for("lm"), model.config
+
+    def loss_fn(m: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        return lm_loss(m, batch, weight, config.task_loss_passes, config.second_pass), {}
+
     records: list[dict] = []
 
     def record(step: int, loss: float) -> None:
@@ -119,7 +124,7 @@ def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, devic
     bar = tqdm(total=args.steps, desc=f"{args.method} {args.task}", leave=False)
     train_steps(model, loader, None, args.steps, optimizer, scheduler, max_grad_norm=args.max_grad_norm,
                 device=device, progress=bar, precision=resolve_precision(args.precision, device),
-                loss_fn=lambda m, batch: (lm_loss(m, batch, weight, passes), {}), on_step=record)
+                loss_fn=loss_fn, on_step=record)
     bar.close()
     return records
 
