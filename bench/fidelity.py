@@ -87,6 +87,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "task_loss_passes=first": ("adamix-lora", ROW | {"task_loss_passes": "first"}),
     "num_experts=2": ("adamix-lora", ROW | {"num_experts": 2}),
     "sharing=down": ("adamix-lora", ROW | {"sharing": "down"}),
+    "second_pass=target": ("adamix-lora", ROW | {"second_pass": "target"}),
     "adapter": ("adapter", {"adapter_init": "normal"}),
     "adamix-adapter: row routing, identical init": ("adamix-adapter", ROW | {"adapter_init": "normal"}),
     "adamix-adapter routing=batch, expert_init=independent": (
@@ -126,10 +127,10 @@ def spec(task: str, method: str, seed: int, lr: float, steps: int, variant: str 
 
 def run_one(job: dict[str, Any], protocol: dict[str, Any], data_dir: str) -> dict[str, Any]:
     """Train one job; returns its best dev score x100, the merged-vs-single analysis and timings."""
-    from adamix_zoo.recipes.glue import train, train_args as TrainArgs  # TrainArgs from flat options
+    from adamix_zoo.recipes.glue import train, train_args
 
     steps = job["max_steps"]
-    args = TrainArgs(
+    args = train_args(
         task=job["task"], method=job["method"], seed=job["seed"], data_dir=data_dir, lr=job["lr"],
         max_steps=steps, eval_every=max(1, steps // EVALS_PER_RUN), save=False, progress=False,
         analyze_experts=job["method"].startswith("adamix-"), **(protocol | job["changes"]),
