@@ -182,13 +182,13 @@ def test_generate_over_http_batches_tasks_and_reports_errors(llama_tasks):
             assert tasks["webnlg"]["problem"] == "lm" and tasks["webnlg"]["num_labels"] == 0
             for payload, status, words in [
                 ({"task": "nope", "inputs": "w1", "max_new_tokens": 6}, 404, "not attached"),
-                ({"task": "e2e", "inputs": [], "max_new_tokens": 6}, 422, "inputs is empty"),
+                ({"task": "e2e", "inputs": [], "max_new_tokens": 6}, 400, "inputs is empty"),
                 ({"task": "e2e", "inputs": "w1", "num_beams": 99}, 422, "num_beams"),
             ]:
                 reply = http.post("/v1/generate", json=payload)
                 assert reply.status_code == status and words in reply.json()["detail"], reply.text
             wrong = http.post("/v1/predict", json={"task": "e2e", "inputs": ["w1"]})
-            assert wrong.status_code == 422 and "use POST /v1/generate" in wrong.json()["detail"]
+            assert wrong.status_code == 400 and "use POST /v1/generate" in wrong.json()["detail"]
             stats = http.get("/v1/stats").json()
             assert stats["generation_batches"]["rows"] == 2
 

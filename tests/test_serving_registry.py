@@ -63,7 +63,7 @@ def test_entries_and_merged_entry_in_one_mixed_batch(store):
 
 def test_load_by_reference_over_http(store):
     engine = ServingEngine(tiny_model("bert", head="base"), tiny_tokenizer())
-    settings = ServerSettings(resolve_reference=registry_resolver(str(store.root)))
+    settings = ServerSettings(allow_load=True, resolve_reference=registry_resolver(str(store.root)))
     with RunningServer(create_app(engine, settings)) as server:
         loaded = httpx.post(f"{server.url}/v1/tasks/load", json={"reference": "local/pair@1"})
         assert loaded.status_code == 200, loaded.text

@@ -26,7 +26,8 @@ def _engine() -> ServingEngine:
 
 
 def test_reference_without_a_resolver_is_a_clear_4xx(folder):
-    with RunningServer(create_app(_engine())) as server:
+    settings = ServerSettings(allow_load=True, load_dirs=[folder.parent])
+    with RunningServer(create_app(_engine(), settings)) as server:
         refused = httpx.post(f"{server.url}/v1/tasks/load", json={"reference": "sst2@1"})
         assert refused.status_code == 400
         assert "cannot resolve registry references" in refused.json()["detail"]
@@ -43,7 +44,7 @@ def test_reference_uses_the_injected_resolver(folder):
             raise KeyError(f"no entry {reference}")
         return folder
 
-    settings = ServerSettings(resolve_reference=resolve)
+    settings = ServerSettings(allow_load=True, resolve_reference=resolve)
     with RunningServer(create_app(_engine(), settings)) as server:
         loaded = httpx.post(
             f"{server.url}/v1/tasks/load", json={"reference": "local/sst2@1", "task": "s"}

@@ -26,13 +26,19 @@ def tasks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tasks):
+def server(tasks, tmp_path_factory):
     engine = ServingEngine(
         tiny_model("bert", head="base"), tiny_tokenizer(), capacity=8, max_chars=500
     )
     for name in ("lora4", "lora8", "adapter"):
         engine.attach(tasks[name])
-    settings = ServerSettings(max_batch_size=16, max_wait_ms=20, max_inputs=8)
+    settings = ServerSettings(
+        max_batch_size=16,
+        max_wait_ms=20,
+        max_inputs=8,
+        allow_load=True,
+        load_dirs=[tmp_path_factory.getbasetemp()],
+    )
     with RunningServer(create_app(engine, settings)) as running:
         yield running
 
@@ -89,23 +95,23 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server):
         ),
         (
             dict(json={"task": "lora4", "inputs": " ".join(["w5"] * 70)}),
-            422,
+            400,
             "input 0 has 72 tokens; the limit is 64",
         ),
         (
             dict(json={"task": "lora4", "inputs": "x" * 501}),
-            422,
+            400,
             "input 0 has 501 characters; the limit is 500",
         ),
         (
             dict(json={"task": "lora4", "inputs": ["w5"] * 9}),
-            422,
+            400,
             "9 inputs in one request; the limit is 8",
         ),
-        (dict(json={"task": "lora4", "inputs": []}), 422, "inputs is empty"),
+        (dict(json={"task": "lora4", "inputs": []}), 400, "inputs is empty"),
         (
             dict(json={"task": "lora4", "inputs": [["w5", "w6", "w7"]]}),
-            422,
+            400,
             "input 0 must be a string or a [text_a, text_b] pair",
         ),
         (dict(json={"inputs": "w5"}), 422, "invalid request: body.task: Field required"),
@@ -164,7 +170,7 @@ def test_load_and_unload_over_http(server, tasks, tmp_path):
     refused = httpx.post(f"{url}/v1/tasks/load", json={"path": str(foreign)})
     assert refused.status_code == 409 and "0" * 64 in refused.json()["detail"]
     neither = httpx.post(f"{url}/v1/tasks/load", json={})
-    assert neither.status_code == 422 and "exactly one of 'path'" in neither.json()["detail"]
+    assert neither.status_code == 400 and "exactly one of 'path'" in neither.json()["detail"]
 
 
 def test_load_test_mixed_tasks_concurrent_clients(server, tasks):

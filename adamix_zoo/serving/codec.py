@@ -7,7 +7,7 @@ before it joins a batch) and in the batch thread (``collate``, which never touch
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,16 @@ class GenerationRow:
     input_ids: list[int]
     max_new_tokens: int
     num_beams: int
+    temperature: float = 0.0  # 0: greedy (or beam search); > 0: sampling
+    top_p: float = 1.0
+    seed: int | None = None
+    # Called from the batch thread with each new token id as it is decoded (streaming); not a setting.
+    on_token: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def settings(self) -> tuple:
+        """What rows must share to decode in one ``generate`` call."""
+        return (self.max_new_tokens, self.num_beams, self.temperature, self.top_p, self.seed)
 
 
 def position_limit(backbone: nn.Module, tokenizer: Any) -> int:
@@ -93,6 +103,7 @@ class RequestCodec:
             if not any(p.strip() for p in parts):
                 raise InputError(f"input {i} is empty")
             self._check_chars(i, sum(len(p) for p in parts))
+            _check_unicode(i, parts)
         texts = [item if isinstance(item, str) else tuple(item) for item in inputs]
         encoded = tokenizer(texts, truncation=False, padding=False)
         rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
@@ -133,6 +144,7 @@ class RequestCodec:
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"input {i} must be a non-empty string")
             self._check_chars(i, len(text))
+            _check_unicode(i, (text,))
             prompts.append(template.format(source=text))
         encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         for i, ids in enumerate(encoded):
@@ -185,6 +197,14 @@ class RequestCodec:
         if chars > self.max_chars:
             raise InputError(f"input {i} has {chars} characters; the limit is {self.max_chars}")
 
+
+def _check_unicode(i: int, parts: Sequence[str]) -> None:
+    """Refuse text the tokenizer cannot take: JSON may carry lone surrogates (``"\\ud800"``)."""
+    for part in parts:
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(f"input {i} is not valid Unicode text ({err.reason} at {err.start})") from None
 
 
 def answer(logits: torch.Tensor | None, pooled: torch.Tensor, adapter: TaskAdapter | None) -> Prediction:

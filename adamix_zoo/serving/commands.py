@@ -5,6 +5,8 @@ the reference resolver (``registry_resolver``) that the server is handed."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -31,8 +33,18 @@ Entries = Annotated[
     ),
 ]
 Backbone = Annotated[str, typer.Option(help="Backbone alias, folder or hub id.")]
-Registry = Annotated[
-    str | None, typer.Option(help="Registry store folder (default: the registry's home).")
+Store = Annotated[
+    str | None,
+    typer.Option(
+        "--store", help="Registry store folder (default: $ADAMIX_ZOO_HOME, as for publish/list)."
+    ),
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="float32, bfloat16, or auto (bf16 on CUDA and on CPUs with AMX / AVX-512 bf16); "
+        "answers are float32 either way."
+    ),
 ]
 Device = Annotated[
     str | None, typer.Option(help="cpu or cuda (default: cuda when available).")
@@ -58,7 +70,7 @@ def _engine(
     device: str | None,
     task: list[str],
     entry: list[str],
-    registry: str | None,
+    store: str | None,
     **kwargs,
 ) -> ServingEngine:
     """Load the backbone once and attach every task folder and registry entry."""
@@ -69,7 +81,7 @@ def _engine(
     for spec in task:
         name, sep, path = spec.partition("=")
         sources.append((Path(path), name) if sep else (Path(spec), None))
-    resolve = registry_resolver(registry)
+    resolve = registry_resolver(store)
     sources += [(resolve(ref), None) for ref in entry]
     for folder, name in sources:
         for info in engine.attach_all(folder, task=name):
@@ -121,7 +133,7 @@ def serve(
     entry: Entries = [],  # noqa: B006
     backbone: Backbone = "minilm-l6",
     lm: LM = False,
-    registry: Registry = None,
+    store: Store = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     capacity: Annotated[
@@ -136,8 +148,25 @@ def serve(
         int | None, typer.Option(help="Most tokens per input (default: the model's limit).")
     ] = None,
     allow_load: Annotated[
-        bool, typer.Option(help="Enable the load/unload endpoints (they read server paths).")
-    ] = True,
+        bool,
+        typer.Option(help="Enable /v1/tasks/load and /unload (registry references and --load-dir)."),
+    ] = False,
+    load_dir: Annotated[
+        list[str],
+        typer.Option(help="A folder /v1/tasks/load may read task folders under (repeatable)."),
+    ] = [],  # noqa: B006
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ADAMIX_ZOO_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on every endpoint but /healthz.",
+        ),
+    ] = None,
+    dtype: Dtype = "float32",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Intra-op threads of the forward passes (default: all cores but one)."),
+    ] = None,
     device: Device = None,
 ) -> None:
     """Serve task adapters from one frozen backbone, batching requests of different tasks together.
@@ -152,22 +181,55 @@ def serve(
 
         curl -s localhost:8000/v1/generate -d '{"task": "e2e", "inputs": ["name[Aromi]"]}'
 
-    OpenAPI docs at http://HOST:PORT/docs.
+        curl -s localhost:8000/v1/completions -d '{"model": "e2e", "prompt": "name[Aromi]"}'
+
+    OpenAPI docs at http://HOST:PORT/docs; Prometheus metrics at /metrics.
     """
+    _passive_openmp()
+    import torch
     import uvicorn
 
     from adamix_zoo.serving.server import ServerSettings, create_app
 
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    _warn_if_exposed(host, api_key)
     try:
         engine = _engine(
-            backbone, device, task, entry, registry, lm=lm, capacity=capacity, max_length=max_length
+            backbone, device, task, entry, store, lm=lm, capacity=capacity, max_length=max_length,
+            dtype=dtype,
         )
     except (KeyError, ValueError) as err:
         raise _bad_parameter(err) from None
     settings = ServerSettings(
-        max_batch_size, max_wait_ms, max_inputs, allow_load, registry_resolver(registry)
+        max_batch_size, max_wait_ms, max_inputs, allow_load, registry_resolver(store),
+        load_dirs=[Path(d) for d in load_dir], api_key=api_key,
     )
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
+
+
+def _passive_openmp() -> None:
+    """Restart this ``adamix-zoo serve`` process with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set.
+
+    OpenMP reads it when torch loads (already done here). Threads spinning while they wait for work
+    cost little on an idle machine, but beside another busy process (a training job) they compete
+    with it and with the server's own threads. Set OMP_WAIT_POLICY yourself to keep your policy.
+    """
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return
+    argv = list(getattr(sys, "orig_argv", []))
+    is_cli = len(argv) > 1 and (Path(argv[1]).name == "adamix-zoo" or argv[1:3] == ["-m", "adamix_zoo"])
+    if is_cli:  # not inside another program (a test runner) that merely called serve()
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, argv)
+
+
+def _warn_if_exposed(host: str, api_key: str | None) -> None:
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(
+            f"WARNING: serving on {host} WITHOUT an API key: anyone who can reach this port can "
+            "use it. Pass --api-key (or set ADAMIX_ZOO_API_KEY), or bind 127.0.0.1.",
+            fg=typer.colors.RED, err=True, bold=True,
+        )
 
 
 def predict(
@@ -177,8 +239,9 @@ def predict(
     task: Tasks = [],  # noqa: B006
     entry: Entries = [],  # noqa: B006
     backbone: Backbone = "minilm-l6",
-    registry: Registry = None,
+    store: Store = None,
     as_json: AsJson = False,
+    dtype: Dtype = "float32",
     device: Device = None,
 ) -> None:
     """Answer inputs of several tasks in ONE mixed-task forward pass of one backbone (no server).
@@ -194,7 +257,8 @@ def predict(
     ]
     try:
         engine = _engine(
-            backbone, device, task, entry, registry, capacity=max(8, len({r[0] for r in rows}))
+            backbone, device, task, entry, store, capacity=max(8, len({r[0] for r in rows})),
+            dtype=dtype,
         )
         answers = engine.predict([r[0] for r in rows], [r[1] for r in rows])
     except (KeyError, ValueError) as err:
@@ -226,10 +290,11 @@ def generate(
     task: Tasks = [],  # noqa: B006
     entry: Entries = [],  # noqa: B006
     backbone: Backbone = "smollm2-135m",
-    registry: Registry = None,
+    store: Store = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per input.")] = 64,
     num_beams: Annotated[int, typer.Option(help="1: greedy; more: beam search.")] = 1,
     as_json: AsJson = False,
+    dtype: Dtype = "float32",
     device: Device = None,
 ) -> None:
     """Generate for inputs of several generation tasks in ONE batch on one causal LM (no server).
@@ -242,8 +307,8 @@ def generate(
     rows = _task_inputs(inputs)
     try:
         engine = _engine(
-            backbone, device, task, entry, registry, lm=True,
-            capacity=max(8, len({r[0] for r in rows})),
+            backbone, device, task, entry, store, lm=True,
+            capacity=max(8, len({r[0] for r in rows})), dtype=dtype,
         )
         outputs = engine.generate(
             [r[0] for r in rows], [r[1] for r in rows], max_new_tokens, num_beams

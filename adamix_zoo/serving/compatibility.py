@@ -8,7 +8,7 @@ from torch import nn
 
 from adamix_zoo.mixtures.adapter import ACTIVATIONS
 from adamix_zoo.mixtures.lora import linear_dims
-from adamix_zoo.serving.errors import FingerprintMismatchError
+from adamix_zoo.serving.errors import FingerprintMismatchError, InputError
 from adamix_zoo.serving.task_folders import TaskAdapter
 
 
@@ -83,3 +83,34 @@ def _dims(projection: Callable[[str], nn.Module], name: str, where: str) -> tupl
     except TypeError as err:
         raise ValueError(f"{where}: module {name!r} cannot hold an adapter: {err}") from None
     return d_in, d_out
+
+
+def input_columns(adapter: TaskAdapter) -> int | None:
+    """How many texts one input of ``adapter``'s task has (1: a sentence, 2: a pair), when its
+    task is a GLUE task (by adamix.json's task or the served name); None when unknown."""
+    from adamix_zoo.glue_tasks import TASKS
+
+    name = adapter.metadata.get("name")
+    candidates = [
+        adapter.metadata.get("task"),
+        name.get("task") if isinstance(name, dict) else None,
+        adapter.task,
+        adapter.task.rsplit(".", 1)[-1],
+    ]
+    known = [c for c in candidates if isinstance(c, str) and c.lower() in TASKS]
+    return len(TASKS[known[0].lower()].text_columns) if known else None
+
+
+def check_columns(task: str, columns: int | None, inputs: list) -> None:
+    """Refuse inputs that are not the task's shape (a lone sentence for a pair task, and back).
+
+    Raises:
+        InputError: naming the input, the task and the shape it takes.
+    """
+    if columns is None:
+        return
+    for i, item in enumerate(inputs):
+        parts = 1 if isinstance(item, str) else len(item) if isinstance(item, (list, tuple)) else 0
+        if parts and parts != columns:
+            shape = "a [text_a, text_b] pair" if columns == 2 else "a single sentence"
+            raise InputError(f"input {i} has {parts} text(s), but task {task!r} takes {shape}")

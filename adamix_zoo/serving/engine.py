@@ -3,8 +3,8 @@
 Attached tasks (read by ``task_folders``, checked by ``compatibility``) stay in an LRU of at most
 ``capacity`` (``residency``). A batch whose rows belong to different tasks is one forward pass: the
 ``banks`` hold every resident task in a slot and ``with banks.routing(slots)`` routes each row.
-Generation tasks decode mixed-task batches the same way, every step of ``generate`` a routed pass.
-Requests are encoded and answers formatted by ``codec``.
+Generation tasks decode mixed-task batches the same way, every step of ``generate`` a routed pass
+(``decoding``). Requests are encoded and answers formatted by ``codec``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from adamix_zoo.backbones import fingerprint as backbone_fingerprint
-from adamix_zoo.generation.generate import generate_ids
 from adamix_zoo.serving.banks import TaskBanks
 from adamix_zoo.serving.codec import (
     Generated,
@@ -29,8 +28,15 @@ from adamix_zoo.serving.codec import (
     answer,
     position_limit,
 )
-from adamix_zoo.serving.compatibility import can_generate, check_adapter
-from adamix_zoo.serving.errors import FingerprintMismatchError, InputError, UnknownTaskError
+from adamix_zoo.serving.compatibility import can_generate, check_adapter, check_columns, input_columns
+from adamix_zoo.serving.decoding import decode_group, group_by_settings, resolve_dtype
+from adamix_zoo.serving.errors import (
+    FingerprintMismatchError,
+    InputError,
+    ServerFaultError,
+    TaskExistsError,
+    UnknownTaskError,
+)
 from adamix_zoo.serving.residency import TaskCache, TaskInfo, capacity_groups
 from adamix_zoo.serving.task_folders import TaskAdapter, read_metadata, read_task_adapter, task_heads
 
@@ -46,6 +52,8 @@ class ServingEngine:
         max_length: the most tokens an input may have (default: the model's position limit).
         max_chars: the most characters an input may have (checked before tokenizing).
         backbone_id: a name reported by the server (alias, path or hub id).
+        dtype: what the backbone and the adapter banks compute in (``float32``, ``bfloat16`` or
+            ``auto``, see ``decoding.resolve_dtype``); answers are float32 either way.
     """
 
     def __init__(
@@ -56,16 +64,18 @@ class ServingEngine:
         max_length: int | None = None,
         max_chars: int = 20_000,
         backbone_id: str = "",
+        dtype: str = "float32",
     ) -> None:
         self.backbone = backbone.eval().requires_grad_(False)
         self.backbone_id = backbone_id
-        self.fingerprint = backbone_fingerprint(backbone)
-        self.codec = RequestCodec(
-            tokenizer, max_length or position_limit(backbone, tokenizer), max_chars
-        )
+        self.fingerprint = backbone_fingerprint(backbone)  # of the weights as trained (float32)
+        self.dtype = resolve_dtype(dtype, next(backbone.parameters()).device)
+        self.backbone.to(self.dtype)  # the banks are stacked in the backbone's dtype
+        self.codec = RequestCodec(tokenizer, max_length or position_limit(backbone, tokenizer), max_chars)
         self._banks = TaskBanks(self.backbone)
         self._cache = TaskCache(capacity, self._check, self._banks.restack)
         self._lock = threading.RLock()
+        self._columns: dict[str, int | None] = {}  # texts per input of a task, when known
 
     @classmethod
     def from_pretrained(
@@ -96,10 +106,6 @@ class ServingEngine:
         return self.codec.max_length
 
     @property
-    def max_chars(self) -> int:
-        return self.codec.max_chars
-
-    @property
     def capacity(self) -> int:
         return self._cache.capacity
 
@@ -115,6 +121,7 @@ class ServingEngine:
         task: str | None = None,
         label_names: list[str] | None = None,
         head: str | None = None,
+        replace: bool = True,
     ) -> TaskInfo:
         """Attach (or replace) a task from its merged folder; it becomes the most recently used.
 
@@ -127,11 +134,15 @@ class ServingEngine:
         Raises:
             ValueError: unreadable folder, a base-model fingerprint that is not this backbone's, or
                 tensors that do not fit the backbone's projections.
+            TaskExistsError: ``replace=False`` and a task of that name is already attached.
         """
         adapter = read_task_adapter(folder, task, label_names, head)
+        if not replace and adapter.task in self._cache:
+            raise TaskExistsError(f"task {adapter.task!r} is already served; send replace=true to replace it")
         self._check(adapter)
         with self._lock:
             self._cache.add(adapter, Path(folder), label_names, head)
+            self._columns[adapter.task] = input_columns(adapter)
             return self._cache.info(adapter.task)
 
     def attach_all(
@@ -140,6 +151,7 @@ class ServingEngine:
         task: str | None = None,
         label_names: list[str] | None = None,
         head: str | None = None,
+        replace: bool = True,
     ) -> list[TaskInfo]:
         """Attach a folder; a cross-task merged entry without ``head`` attaches one task per head.
 
@@ -148,12 +160,12 @@ class ServingEngine:
         """
         heads = task_heads(read_metadata(Path(folder)))
         if head is not None or len(heads) <= 1:
-            return [self.attach(folder, task, label_names, head)]
+            return [self.attach(folder, task, label_names, head, replace)]
         if task is not None or label_names is not None:
             raise ValueError(
                 f"{folder} has several heads {sorted(heads)}: choose one with head= to name it"
             )
-        return [self.attach(folder, head=name) for name in heads]
+        return [self.attach(folder, head=name, replace=replace) for name in heads]
 
     def detach(self, task: str) -> None:
         """Forget a task (its folder is left alone). Raises UnknownTaskError if it is not attached."""
@@ -221,19 +233,19 @@ class ServingEngine:
     def _forward_group(
         self, tasks: list[str | None], batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = self._cache.make_resident(tasks)
+        slots = self._resident(tasks)
         batch = {k: v.to(self._banks.device) for k, v in batch.items()}
         with self._banks.routing(slots):  # base_model: the encoder, or a causal LM's body
             hidden = getattr(self.backbone, "base_model", self.backbone)(**batch).last_hidden_state
         return self._banks.apply_heads(hidden, batch["attention_mask"], slots)
 
-    def encode(self, inputs: Sequence[TextInput]) -> list[dict[str, list[int]]]:
-        """Tokenize inputs (see ``RequestCodec.encode``; InputError names a refused input)."""
+    def encode(self, inputs: Sequence[TextInput], task: str | None = None) -> list[dict[str, list[int]]]:
+        """Tokenize inputs (see ``RequestCodec.encode``; InputError names a refused input, e.g. a
+        lone sentence for a pair ``task``)."""
+        check_columns(task, self._columns.get(task), list(inputs))
         return self.codec.encode(inputs)
 
-    def collate(
-        self, rows: Sequence[dict[str, list[int]]], left: bool | None = None
-    ) -> dict[str, torch.Tensor]:
+    def collate(self, rows: Sequence[dict[str, list[int]]], left: bool | None = None) -> dict[str, torch.Tensor]:
         """Pad encoded rows into one batch of tensors (see ``RequestCodec.collate``)."""
         return self.codec.collate(rows, left)
 
@@ -288,37 +300,33 @@ class ServingEngine:
         if len(tasks) != len(rows):
             raise InputError(f"{len(tasks)} tasks for {len(rows)} rows")
         out: list[Generated | None] = [None] * len(rows)
-        by_settings: dict[tuple[int, int], list[int]] = {}
-        for i, row in enumerate(rows):
-            by_settings.setdefault((row.max_new_tokens, row.num_beams), []).append(i)
         with self._lock:
-            for (max_new_tokens, num_beams), members in by_settings.items():
+            for members in group_by_settings(rows).values():
                 for group in capacity_groups([tasks[i] for i in members], self.capacity):
                     picked = [members[j] for j in group]
-                    ids = self._generate_group(
-                        [tasks[i] for i in picked],
-                        [rows[i].input_ids for i in picked],
-                        max_new_tokens,
-                        num_beams,
-                    )
+                    ids = self._generate_group([tasks[i] for i in picked], [rows[i] for i in picked])
                     for i, new in zip(picked, ids):
                         version = None if tasks[i] is None else self._cache.adapter(tasks[i]).version
                         out[i] = Generated(tasks[i], version, new)
         return out
 
-    def _generate_group(
-        self, tasks: list[str | None], prompts: list[list[int]], max_new_tokens: int, num_beams: int
-    ) -> list[list[int]]:
-        slots = self._cache.make_resident(tasks)
-        rows = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in prompts]
-        batch = {k: v.to(self._banks.device) for k, v in self.collate(rows, left=True).items()}
+    def _generate_group(self, tasks: list[str | None], rows: list[GenerationRow]) -> list[list[int]]:
+        slots = self._resident(tasks)
+        encoded = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids)} for r in rows]
+        batch = {k: v.to(self._banks.device) for k, v in self.collate(encoded, left=True).items()}
         # generate() repeats every row num_beams times in place (row i -> rows i*n .. i*n+n-1) and
         # keeps beams within their row's block, so the routing repeats each slot the same way.
-        with self._banks.routing([s for s in slots for _ in range(num_beams)]):
-            tok = self.tokenizer
-            return generate_ids(
-                self.backbone, batch, tok.pad_token_id, tok.eos_token_id, max_new_tokens, num_beams
-            )
+        with self._banks.routing([s for s in slots for _ in range(rows[0].num_beams)]):
+            return decode_group(self.backbone, batch, self.tokenizer, rows)
+
+    def _resident(self, tasks: list[str | None]) -> list[int]:
+        """Bank slots of ``tasks``, reloading evicted adapters; a reload failure is the server's."""
+        try:
+            return self._cache.make_resident(tasks)
+        except UnknownTaskError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a folder changed or broke under a served task
+            raise ServerFaultError(f"an attached adapter could not be reloaded: {err}") from err
 
     def decode(self, generated: Sequence[Generated]) -> list[str]:
         """Token ids -> text; a task's output is its first line (data-to-text targets are one line)."""
@@ -338,13 +346,5 @@ class ServingEngine:
         return self.decode(self.generate_encoded(tasks, rows))
 
 
-__all__ = [
-    "FingerprintMismatchError",
-    "Generated",
-    "GenerationRow",
-    "InputError",
-    "Prediction",
-    "ServingEngine",
-    "TaskInfo",
-    "UnknownTaskError",
-]
+__all__ = ["FingerprintMismatchError", "Generated", "GenerationRow", "InputError", "Prediction", "ServingEngine",
+           "TaskInfo", "UnknownTaskError"]  # fmt: skip

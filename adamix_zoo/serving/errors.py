@@ -16,3 +16,14 @@ class FingerprintMismatchError(ValueError):
 
 class InputError(ValueError):
     """A request input the engine refuses (too long, empty, wrong shape, wrong kind of task)."""
+
+
+class ServerFaultError(RuntimeError):
+    """The server failed on a request that was fine (e.g. an evicted adapter would not reload).
+
+    Mapped to 503: the client is not to blame and may retry; the message says what failed.
+    """
+
+
+class TaskExistsError(ValueError):
+    """A load names a task that is already served, without asking to replace it."""
