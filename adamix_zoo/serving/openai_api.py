@@ -109,11 +109,12 @@ def _check(engine: ServingEngine, body: CompletionRequest, max_inputs: int) -> t
         raise ParamError("model", f"model {body.model!r} is a classification task: use POST /v1/classify")
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     checks = [
-        ("prompt", 1 <= len(prompts) * body.n <= max_inputs, f"1..{max_inputs} prompts x n per request"),
+        ("n", body.n >= 1, "n must be >= 1"),
+        ("prompt", 1 <= len(prompts) * body.n <= max_inputs,
+         f"{len(prompts)} prompts x n={body.n} choices; send 1..{max_inputs} per request"),
         ("max_tokens", body.max_tokens >= 1, "max_tokens must be >= 1"),
         ("temperature", 0 <= body.temperature <= 2, "temperature must be in [0, 2]"),
         ("top_p", 0 < body.top_p <= 1, "top_p must be in (0, 1]"),
-        ("n", body.n >= 1, "n must be >= 1"),
         ("stop", len(_stops(body)) <= 4 and all(_stops(body)), "stop: at most 4 non-empty strings"),
     ]
     for param, ok, message in checks:
