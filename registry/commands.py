@@ -1,4 +1,4 @@
-"""CLI verbs of the adapter zoo: list, show, publish, push, pull, merge, export, delete.
+"""CLI verbs of the adapter zoo: list, show, publish, push, pull, merge, export, delete, check, gc.
 
 Registered onto the main ``adamix-zoo`` app; heavy imports stay inside the functions.
 """
@@ -52,11 +52,57 @@ def list_entries(
     table = Table(title=f"adamix-zoo store {zoo.root}")
     for column in ("entry", "method", "kind", "base model", "tasks / main metric", "created"):
         table.add_column(column)
+    damaged = 0
     for info in zoo.list(namespace, task):
-        meta = zoo.show(info.ref)
-        table.add_row(info.ref, info.method, info.kind, info.base_model or "-", _metric(meta["tasks"]),
-                      info.created)
+        try:
+            tasks = _metric(zoo.show(info.ref)["tasks"])
+        except ValueError as err:  # report a damaged entry, keep listing the others
+            damaged += 1
+            tasks = f"[red]DAMAGED: {err}[/red]"
+        table.add_row(info.ref, info.method, info.kind, info.base_model or "-", tasks, info.created)
     Console().print(table)
+    if damaged:
+        typer.secho(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}: run `adamix-zoo check` "
+                    "(and `adamix-zoo check --repair`)", fg=typer.colors.YELLOW, err=True)
+
+
+def check(
+    repair: bool = typer.Option(False, "--repair", help="Quarantine damaged entries, forget missing "
+                                "ones, rebuild an unreadable index from the entry folders."),
+    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
+) -> None:
+    """Verify every entry (index, adamix.json, sha256 of every file); exit 1 if something is wrong.
+
+    Examples: `adamix-zoo check` · `adamix-zoo check --repair`
+    """
+    zoo = _store(store)
+    problems = zoo.check()
+    for problem in problems:
+        typer.echo(f"damaged: {problem}")
+    if repair and problems:
+        for line in zoo.repair():
+            typer.echo(f"repaired: {line}")
+        problems = zoo.check()
+    garbage = zoo.garbage() if zoo.index_error is None else []
+    if garbage:
+        typer.echo(f"{len(garbage)} leftover folder(s) no entry uses: `adamix-zoo gc` removes them")
+    if problems:
+        raise typer.Exit(code=1)
+    typer.echo(f"store {zoo.root}: {len(zoo.list())} entries, all verified")
+
+
+def gc(
+    min_age: float = typer.Option(60.0, help="Keep staging folders younger than this (seconds)."),
+    store: Optional[Path] = typer.Option(None, help=STORE_HELP),
+) -> None:
+    """Remove leftovers: stale staging folders and entry folders no index row points to.
+
+    Example: `adamix-zoo gc`
+    """
+    removed = _store(store).gc(min_age_s=min_age)
+    for path in removed:
+        typer.echo(f"removed {path}")
+    typer.echo(f"{len(removed)} folder(s) removed")
 
 
 def show(
@@ -235,5 +281,5 @@ def delete(
 def register(app: typer.Typer) -> None:
     """Add the zoo's verbs to ``app``."""
     app.command("list")(list_entries)
-    for command in (show, publish, push, pull, merge, export, delete):
+    for command in (show, publish, push, pull, merge, export, delete, check, gc):
         app.command()(command)

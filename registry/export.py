@@ -28,6 +28,8 @@ def export_peft(store: Store, ref: str, destination: str | os.PathLike) -> Path:
             "load it with adamix_zoo.load_merged (its format is documented in the entry's README.md)"
         )
     out = Path(destination)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export destination {out} is a file: give a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"export destination {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ import adamix_zoo
 from adamix_zoo.formats.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, FORMAT_VERSION
 from adamix_zoo.formats.merged import ADAPTER_SUFFIXES, LORA_SUFFIXES, PEFT_PREFIX, group_modules, read_merged
 from adamix_zoo.formats.metadata import read_metadata
-from adamix_zoo.formats.names import DEFAULT_NAMESPACE
+from adamix_zoo.formats.names import DEFAULT_NAMESPACE, validate_part
 from registry.entry import HEADS_DIR
 from registry.store import EntryInfo, Store
 
@@ -160,6 +160,7 @@ def merge_tensors(
             density, or an svd method on adapters.
     """
     configs = [c for c, _ in sources]
+    check_options(method, list(weights), len(sources), density, svd_rank, majority_sign_method)
     lora = _check_sources(configs, method, density)
     sizes = [c["r"] if lora else c["bottleneck"] for c in configs]
     if method == "cat":
@@ -188,9 +189,39 @@ def merge_tensors(
     return config, out
 
 
-def _check_sources(configs: list[dict[str, Any]], method: str, density: float | None) -> bool:
+def check_options(method: str, weights: list[float], n: int, density: float | None,
+                  svd_rank: int | None, majority_sign_method: str = "total") -> None:
+    """Refuse merge parameters that would give a broken (non-finite or misshapen) entry.
+
+    Raises:
+        ValueError: an unknown method; not one finite weight per source; a density outside (0, 1]
+            or given to a method without pruning; an svd_rank that is not a positive integer or
+            given to a method without SVD; an unknown majority sign method.
+    """
     if method not in METHODS:
         raise ValueError(f"merge method {method!r} is not supported; choose one of {', '.join(METHODS)}")
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} entries: give one weight per entry")
+    bad = [w for w in weights if not isinstance(w, (int, float)) or not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"merge weights must be finite numbers, got {bad[0]!r}")
+    uses_density = method.removesuffix("_svd") in NEEDS_DENSITY
+    if density is not None:
+        if not uses_density:
+            raise ValueError(f"merge method {method!r} takes no density (only "
+                             f"{', '.join(m for m in METHODS if m.removesuffix('_svd') in NEEDS_DENSITY)})")
+        if not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ValueError(f"density must be in (0, 1] (the kept fraction), got {density!r}")
+    if svd_rank is not None:
+        if method not in DELTA_METHODS:
+            raise ValueError(f"svd_rank only applies to {', '.join(DELTA_METHODS)}, not {method!r}")
+        if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:
+            raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method={majority_sign_method!r}: choose 'total' or 'frequency'")
+
+
+def _check_sources(configs: list[dict[str, Any]], method: str, density: float | None) -> bool:
     kinds = {c["peft_type"] for c in configs}
     if len(kinds) != 1:
         raise ValueError(f"cannot merge different adapter kinds: {sorted(kinds)}")
@@ -248,10 +279,9 @@ def merge_entries(
     metas = [read_metadata(f) for f in folders]
     _check_same_base(infos, metas)
     weights = list(weights) if weights is not None else [1.0 / len(refs)] * len(refs)
-    if len(weights) != len(refs):
-        raise ValueError(f"{len(weights)} weights for {len(refs)} entries")
+    check_options(method, weights, len(refs), density, svd_rank, majority_sign_method)
     tasks = _merged_tasks(infos, metas)
-    task = task or "+".join(tasks)
+    task = validate_part("task", task or "+".join(tasks))
     sources = [(m.config, m.tensors) for m in map(read_merged, folders)]
     config, tensors = merge_tensors(sources, weights, method, density, svd_rank, majority_sign_method, seed)
     options = {"method": method, "weights": weights, "density": density, "svd_rank": svd_rank,
@@ -286,6 +316,7 @@ def _merged_tasks(infos, metas) -> dict[str, tuple]:
     for info, meta in zip(infos, metas):
         for task in meta["tasks"]:
             name = task if task not in out else f"{task}-v{info.version}"
+            validate_part("task", name)  # becomes a file name: heads/<name>.safetensors
             if name in out:
                 raise ValueError(f"task {task!r} of {info.ref} appears twice among the sources")
             out[name] = (task, info, meta, info.path)
@@ -336,7 +367,12 @@ def _merged_metadata(config, metas, tasks, options, infos) -> dict[str, Any]:
 
 def parse_weights(text: str | None) -> list[float] | None:
     """'0.5,0.5' -> [0.5, 0.5] (CLI helper)."""
-    return None if not text else [float(x) for x in text.split(",")]
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights {text!r}: expected comma-separated numbers such as 0.5,0.5") from None
 
 
 __all__ = ["METHODS", "combine", "merge_entries", "merge_tensors", "parse_weights", "prune"]

@@ -27,7 +27,7 @@ def push_folder(store: Store, ref: str, destination: str | os.PathLike) -> Entry
 
 def pull_folder(store: Store, ref: str, source: str | os.PathLike, namespace: str | None = None) -> EntryInfo:
     """Copy an entry from the registry at ``source`` into ``store`` (hashes verified on both sides)."""
-    remote = Store(source)
+    remote = Store(source, create=False)  # a folder that is not a store is refused, not created
     return store.import_entry(remote.get(ref), namespace=namespace, origin={"store": str(remote.root)})
 
 

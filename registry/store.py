@@ -15,7 +15,18 @@ its leftover folder is garbage that ``gc`` removes) or a complete entry.
 Versions: without an explicit version, the store assigns the next integer (1, 2, ...) inside the
 transaction, so concurrent publishers of one name get distinct versions. An explicit version that
 exists (or existed: deleted versions are never reused) is refused with ``EntryExistsError``.
-``latest`` is the most recently published live version.
+``latest`` is the most recently published live version and is reserved: no entry is published
+under it (any case).
+
+Integrity: the index keeps each entry's adamix.json as committed; every verified read (``get``,
+``attach``, ``check``, a push or pull) compares the folder's ``manifest_hash`` (adamix.json in
+canonical form + every file's sha256) with the index's copy, so an edited label name, prompt
+template or head is refused. Before commit every tensor file is checked finite.
+
+Damage: ``check()`` reports missing or altered entries and an unreadable index; ``repair()``
+quarantines altered entry folders, forgets rows whose folder is gone and rebuilds a corrupt index
+from the entry folders; ``gc()`` removes garbage. ``Store(path, create=False)`` opens only an
+existing store (a pull source), writing nothing.
 """
 
 from __future__ import annotations
@@ -33,9 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from adamix_zoo.formats.files import METADATA_FILE, MODEL_CARD_FILE
-from adamix_zoo.formats.metadata import hash_files, read_metadata, verify_files
-from adamix_zoo.formats.names import DEFAULT_NAMESPACE, EntryRef, parse_ref, validate_part
+from adamix_zoo.formats.files import METADATA_FILE, MODEL_CARD_FILE, read_safetensors
+from adamix_zoo.formats.metadata import (
+    hash_files,
+    manifest_hash,
+    metadata_differences,
+    read_metadata,
+    verify_files,
+)
+from adamix_zoo.formats.names import DEFAULT_NAMESPACE, EntryRef, parse_ref, validate_part, validate_version
 from registry.model_card import model_card
 
 try:  # POSIX advisory locks mark staging folders in use; elsewhere gc relies on their age alone
@@ -59,6 +76,10 @@ CREATE TABLE IF NOT EXISTS entries (
 
 class EntryExistsError(ValueError):
     """The name is taken: entries are immutable and versions are never reused."""
+
+
+class StoreCorruptError(ValueError):
+    """The index cannot be read; ``adamix-zoo check --repair`` rebuilds it from the entry folders."""
 
 
 class EntryNotFoundError(KeyError):
@@ -92,6 +113,7 @@ class EntryInfo:
     base_model: str | None
     fingerprint: str
     path: Path
+    manifest: str = ""  # manifest_hash of the adamix.json the index recorded at commit
 
     @property
     def ref(self) -> str:
@@ -137,25 +159,42 @@ class Store:
         root: the store folder; default ``default_home()``. Created if absent.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, create: bool = True) -> None:
         self.root = Path(root).expanduser() if root is not None else default_home()
         self.entries_dir = self.root / "entries"
         self.staging_dir = self.root / "staging"
-        self.entries_dir.mkdir(parents=True, exist_ok=True)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as con:
-            con.executescript(SCHEMA)
+        self.index_path = self.root / "index.sqlite"
+        if not create and not self.index_path.is_file():
+            raise ValueError(f"{self.root} is not an adamix-zoo store (it has no index.sqlite)")
+        if create:
+            self.entries_dir.mkdir(parents=True, exist_ok=True)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                with closing(self._connect()) as con:
+                    con.executescript(SCHEMA)
+            except sqlite3.DatabaseError as err:
+                self.index_error: str | None = str(err)
+                return
+        self.index_error = None
+
+    def _require_index(self) -> None:
+        if self.index_error is not None:
+            raise StoreCorruptError(
+                f"the store index {self.index_path} is unreadable ({self.index_error}): run "
+                "`adamix-zoo check --repair` to rebuild it from the entry folders"
+            )
 
     # -- index -------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below)
-        con = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+        con = sqlite3.connect(self.index_path, timeout=60, isolation_level=None)
         con.row_factory = sqlite3.Row
         return con
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; BEGIN IMMEDIATE takes SQLite's write lock up front (cross-process)."""
+        self._require_index()
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -170,8 +209,22 @@ class Store:
 
     def _info(self, row: sqlite3.Row) -> EntryInfo:
         path = self.entry_path(row["namespace"], row["task"], row["version"])
+        try:
+            manifest = manifest_hash(json.loads(row["metadata"]))
+        except (ValueError, TypeError, AttributeError):
+            manifest = "unreadable"
         return EntryInfo(row["namespace"], row["task"], row["version"], row["created"], row["kind"],
-                         row["method"], row["base_model"], row["fingerprint"], path)
+                         row["method"], row["base_model"], row["fingerprint"], path, manifest)
+
+    def _rows(self, query: str, args: Any = ()) -> list[sqlite3.Row]:
+        self._require_index()
+        try:
+            with closing(self._connect()) as con:
+                return con.execute(query, args).fetchall()
+        except sqlite3.DatabaseError as err:
+            self.index_error = str(err)
+            self._require_index()
+            raise
 
     def entry_path(self, namespace: str, task: str, version: str) -> Path:
         return self.entries_dir / validate_part("namespace", namespace) / validate_part("task", task) / \
@@ -184,9 +237,7 @@ class Store:
             if value is not None:
                 query += f" AND {column} = ?"
                 args.append(value)
-        with closing(self._connect()) as con:
-            rows = con.execute(query + " ORDER BY seq", args).fetchall()
-        return [self._info(r) for r in rows]
+        return [self._info(r) for r in self._rows(query + " ORDER BY seq", args)]
 
     def resolve(self, ref: str | EntryRef) -> EntryInfo:
         """``namespace/task@version`` (or ``@latest`` / no version) -> its index row.
@@ -195,18 +246,15 @@ class Store:
             EntryNotFoundError: no such live entry.
         """
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        with closing(self._connect()) as con:
-            if ref.is_latest:
-                row = con.execute(
-                    "SELECT * FROM entries WHERE namespace=? AND task=? AND deleted IS NULL "
-                    "ORDER BY seq DESC LIMIT 1", (ref.namespace, ref.task)).fetchone()
-            else:
-                row = con.execute(
-                    "SELECT * FROM entries WHERE namespace=? AND task=? AND version=? AND deleted IS NULL",
-                    (ref.namespace, ref.task, ref.version)).fetchone()
-        if row is None:
+        if ref.is_latest:
+            rows = self._rows("SELECT * FROM entries WHERE namespace=? AND task=? AND deleted IS NULL "
+                              "ORDER BY seq DESC LIMIT 1", (ref.namespace, ref.task))
+        else:
+            rows = self._rows("SELECT * FROM entries WHERE namespace=? AND task=? AND version=? "
+                              "AND deleted IS NULL", (ref.namespace, ref.task, ref.version))
+        if not rows:
             raise EntryNotFoundError(f"no entry {ref} in the store at {self.root}")
-        return self._info(row)
+        return self._info(rows[0])
 
     # -- reading -----------------------------------------------------------------------------------
     def get(self, ref: str | EntryRef, verify: bool = True) -> Path:
@@ -217,12 +265,46 @@ class Store:
         """
         info = self.resolve(ref)
         if verify:
-            verify_files(info.path, read_metadata(info.path))
+            self.verify(info)
         return info.path
 
+    def verify(self, info: EntryInfo) -> dict[str, Any]:
+        """The entry's adamix.json, after checking it against the index and every file's sha256.
+
+        Raises:
+            ValueError: a missing folder, an adamix.json that differs from the one committed (the
+                message names the fields), or a file that does not match its sha256.
+        """
+        if not info.path.is_dir():
+            raise ValueError(f"entry {info.ref}: its folder {info.path} is missing")
+        meta = read_metadata(info.path)
+        if manifest_hash(meta) != info.manifest:
+            recorded = self._recorded_metadata(info)
+            fields = metadata_differences(meta, recorded) if recorded else ["(index copy unreadable)"]
+            raise ValueError(
+                f"entry {info.ref}: adamix.json differs from what was published (fields "
+                f"{', '.join(fields)}); refusing it: run `adamix-zoo check`"
+            )
+        verify_files(info.path, meta)
+        return meta
+
+    def _recorded_metadata(self, info: EntryInfo) -> dict[str, Any] | None:
+        rows = self._rows("SELECT metadata FROM entries WHERE namespace=? AND task=? AND version=?",
+                          (info.namespace, info.task, info.version))
+        try:
+            return json.loads(rows[0]["metadata"]) if rows else None
+        except ValueError:
+            return None
+
     def show(self, ref: str | EntryRef) -> dict[str, Any]:
-        """The entry's adamix.json."""
-        return read_metadata(self.resolve(ref).path)
+        """The entry's adamix.json (checked against the index; file hashes are not re-read)."""
+        info = self.resolve(ref)
+        if not info.path.is_dir():
+            raise ValueError(f"entry {info.ref}: its folder {info.path} is missing")
+        meta = read_metadata(info.path)
+        if manifest_hash(meta) != info.manifest:
+            raise ValueError(f"entry {info.ref}: adamix.json differs from what was published")
+        return meta
 
     def attach(self, ref: str | EntryRef, backbone: Any, task: str | None = None) -> Any:
         """Inject the entry's merged adapter into ``backbone`` (in place) and add its task head.
@@ -244,8 +326,8 @@ class Store:
         from adamix_zoo.formats.merged import load_merged
         from adamix_zoo.heads import TaskModel, load_head
 
-        folder = self.get(ref)
-        meta = read_metadata(folder)
+        info = self.resolve(ref)
+        meta, folder = self.verify(info), info.path
         expected, actual = meta["base_model"]["fingerprint"], fingerprint(backbone)
         if expected != actual:
             config = getattr(backbone, "config", None)
@@ -309,6 +391,8 @@ class Store:
         run = read_run(Path(run_dir))
         task = run["task"] if task is None else task
         EntryRef(namespace, task, version)
+        if version is not None:
+            validate_version(version)
         with self.staging() as stage:
             stage_run(Path(run_dir), stage, run, task, experts)
             return self.commit(stage, run_metadata(run, task, Path(run_dir)), namespace, task, version)
@@ -318,6 +402,9 @@ class Store:
     ) -> EntryInfo:
         """Make a validated staging folder a published entry (see the module docstring)."""
         EntryRef(namespace, task, version)
+        if version is not None:
+            validate_version(version)
+        check_finite(stage)
         _fsync_tree(stage)
         _pause("staged")
         with self._write() as con:
@@ -335,12 +422,7 @@ class Store:
             _fsync_path(target.parent)  # the rename is durable before the row that points to it
             try:
                 _pause("renamed")
-                con.execute(
-                    "INSERT INTO entries (namespace, task, version, created, kind, method, base_model, "
-                    "fingerprint, metadata) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (namespace, task, version, meta["created"], meta["kind"], meta["method"],
-                     meta["base_model"].get("id"), meta["base_model"]["fingerprint"], json.dumps(meta)),
-                )
+                self._insert(con, meta)
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
@@ -389,17 +471,80 @@ class Store:
         ``verify_hashes``, files matching their sha256. Leftovers that no row points to are garbage,
         not inconsistencies: see ``garbage()`` and ``gc()``.
         """
-        problems = []
+        if self.index_error is not None:
+            return [f"index {self.index_path}: unreadable ({self.index_error})"]
+        return [f"{info.ref}: {problem}" for info, problem in self._damaged(verify_hashes)]
+
+    def _damaged(self, verify_hashes: bool = True) -> list[tuple[EntryInfo, str]]:
+        """(entry, what is wrong) for every live entry that fails verification."""
+        damaged = []
         for info in self.list():
             try:
-                meta = read_metadata(info.path)
+                meta = self.verify(info) if verify_hashes else read_metadata(info.path)
                 if meta["name"] != {"namespace": info.namespace, "task": info.task, "version": info.version}:
-                    problems.append(f"{info.ref}: adamix.json names {meta['name']}")
-                if verify_hashes:
-                    verify_files(info.path, meta)
+                    damaged.append((info, f"adamix.json names {meta['name']}"))
             except ValueError as err:
-                problems.append(f"{info.ref}: {err}")
-        return problems
+                damaged.append((info, str(err)))
+        return damaged
+
+    def repair(self) -> list[str]:
+        """Make the store consistent again; returns what was done, one line each.
+
+        A corrupt index is moved aside and rebuilt from the entry folders whose files match their
+        adamix.json (the record of deleted versions is lost with it). An entry whose folder is gone
+        is forgotten (its version stays used); one whose files fail verification is moved to
+        ``quarantine/`` and forgotten, never deleted.
+        """
+        if self.index_error is not None:
+            return self._rebuild_index()
+        done = []
+        for info, problem in self._damaged():
+            if info.path.exists():
+                target = self.root / "quarantine" / f"{info.namespace}+{info.task}+{info.version}-{uuid.uuid4().hex[:8]}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(info.path, target)
+                done.append(f"{info.ref}: moved to {target} ({problem})")
+            else:
+                done.append(f"{info.ref}: forgotten ({problem})")
+            with self._write() as con:
+                con.execute("UPDATE entries SET deleted=? WHERE namespace=? AND task=? AND version=?",
+                            (_now(), info.namespace, info.task, info.version))
+        return done
+
+    def _rebuild_index(self) -> list[str]:
+        aside = self.index_path.with_name(f"index.sqlite.corrupt-{uuid.uuid4().hex[:8]}")
+        os.replace(self.index_path, aside)
+        for suffix in ("-journal", "-wal", "-shm"):
+            Path(str(self.index_path) + suffix).unlink(missing_ok=True)
+        with closing(self._connect()) as con:
+            con.executescript(SCHEMA)
+        self.index_error = None
+        done = [f"index: moved the unreadable index to {aside} and rebuilt it from the entry folders"]
+        folders = sorted(p for p in self.entries_dir.glob("*/*/*") if p.is_dir())
+        with self._write() as con:
+            for folder in sorted(folders, key=lambda p: p.stat().st_mtime):
+                try:
+                    meta = read_metadata(folder)
+                    verify_files(folder, meta)
+                    name = meta["name"]
+                    if self.entry_path(name["namespace"], name["task"], name["version"]) != folder:
+                        raise ValueError(f"adamix.json names {name}")
+                except (ValueError, KeyError, TypeError) as err:
+                    done.append(f"{folder}: not restored ({err}); `adamix-zoo gc` removes it")
+                    continue
+                self._insert(con, meta)
+                done.append(f"{name['namespace']}/{name['task']}@{name['version']}: restored")
+        return done
+
+    @staticmethod
+    def _insert(con: sqlite3.Connection, meta: dict[str, Any]) -> None:
+        name = meta["name"]
+        con.execute(
+            "INSERT INTO entries (namespace, task, version, created, kind, method, base_model, "
+            "fingerprint, metadata) VALUES (?,?,?,?,?,?,?,?,?)",
+            (name["namespace"], name["task"], name["version"], meta.get("created") or _now(), meta["kind"],
+             meta["method"], meta["base_model"].get("id"), meta["base_model"]["fingerprint"], json.dumps(meta)),
+        )
 
     def garbage(self) -> list[Path]:
         """Folders no live row points to: stale staging folders and orphaned or deleted entries."""
@@ -459,7 +604,7 @@ class Store:
         from registry.entry import head_files, validate_payload
 
         folder = Path(folder)
-        meta = read_metadata(folder)
+        meta = read_metadata(folder)  # every name and path in it checked like user input
         verify_files(folder, meta)
         name = meta["name"]
         namespace, task = namespace or name["namespace"], task or name["task"]
@@ -483,8 +628,28 @@ class Store:
             info = self.resolve(ref)
         except EntryNotFoundError:
             return None
-        ours = {k: v for k, v in read_metadata(info.path)["files"].items() if k != MODEL_CARD_FILE}
+        mine = self.verify(info)
+        ours = {k: v for k, v in mine["files"].items() if k != MODEL_CARD_FILE}
         theirs = {k: v for k, v in meta["files"].items() if k != MODEL_CARD_FILE}
-        if ours != theirs:
+        local = {"files", "created", "provenance", "name"}  # what a copy may change
+        if ours != theirs or metadata_differences(
+                {k: v for k, v in mine.items() if k not in local}, {k: v for k, v in meta.items() if k not in local}):
             raise EntryExistsError(f"entry {info.ref} already exists here with different content")
         return info
+
+
+def check_finite(folder: Path) -> None:
+    """Refuse to publish a tensor with NaN or infinite values (a broken merge or training run).
+
+    Raises:
+        ValueError: naming the file and the tensor.
+    """
+    import torch
+
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        for key, tensor in read_safetensors(path).items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(
+                    f"refusing to publish {path.name}: tensor {key!r} has {bad} non-finite value(s)"
+                )

@@ -107,6 +107,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read adapter config {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (PEFT adapter_config), got {type(config).__name__}")
     if config.get("peft_type") not in ("LORA", ADAPTER_PEFT_TYPE):
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA or {ADAPTER_PEFT_TYPE}")
     return config

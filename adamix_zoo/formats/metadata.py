@@ -3,7 +3,10 @@
 ``adamix.json`` holds everything needed to trust and use an entry without loading it: the method
 and its AdaMix settings, the base model id and fingerprint, per-task label names, metrics and head
 file, provenance, and the sha256 of every other file in the entry. ``format_version`` is checked
-on every read: an entry written by a newer adamix-zoo is refused rather than misread.
+on every read: an entry written by a newer adamix-zoo is refused rather than misread. Every name
+and path it holds is checked with the rule for user input (``formats.names``), because it may come
+from a remote. ``manifest_hash`` covers everything that changes an answer: every file's sha256 and
+a canonical form of adamix.json itself (its ``files`` table aside, which the hashes already cover).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from adamix_zoo.formats.files import METADATA_FILE, SUPPORTED_FORMAT_VERSIONS, read_json
+from adamix_zoo.formats.names import validate_part, validate_relative_path
 
 REQUIRED_FIELDS = (
     "format_version", "name", "method", "kind", "num_experts", "base_model", "tasks", "merge",
     "provenance", "files",
 )
 _HASH_CHUNK = 1 << 20
+_SHA256_HEX = frozenset("0123456789abcdef")
 
 
 def sha256_file(path: Path) -> str:
@@ -62,7 +67,66 @@ def validate_metadata(meta: Any, where: str = "adamix.json") -> dict[str, Any]:
         raise ValueError(f"{where}: base_model must give an id and a fingerprint")
     if not isinstance(meta["files"], dict) or not isinstance(meta["tasks"], dict) or not meta["tasks"]:
         raise ValueError(f"{where}: 'files' and 'tasks' must be non-empty objects")
+    try:
+        validate_names(meta)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     return meta
+
+
+def validate_names(meta: dict[str, Any]) -> None:
+    """Every name and path of adamix.json by the rule for user input: the entry's name parts, task
+    names, head files and the ``files`` table (relative paths inside the entry, sha256 values).
+
+    Raises:
+        ValueError: the first offending value, named.
+    """
+    name = meta.get("name", {})
+    if not isinstance(name, dict):
+        raise ValueError(f"'name' must be an object, got {type(name).__name__}")
+    for part in ("namespace", "task", "version"):
+        if part in name:
+            validate_part(part, name[part])
+    for task, info in meta.get("tasks", {}).items():
+        validate_part("task", task)
+        if not isinstance(info, dict):
+            raise ValueError(f"task {task!r}: expected an object")
+        if info.get("head") is not None:
+            validate_relative_path(f"head of task {task!r}", info["head"])
+        labels = info.get("label_names")
+        if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            raise ValueError(f"task {task!r}: label_names must be a list of strings")
+        if info.get("prompt_template") is not None and not isinstance(info["prompt_template"], str):
+            raise ValueError(f"task {task!r}: prompt_template must be a string")
+    for file, digest in meta.get("files", {}).items():
+        validate_relative_path("file", file)
+        if file == METADATA_FILE:
+            raise ValueError(f"the files table cannot list {METADATA_FILE} itself")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _SHA256_HEX):
+            raise ValueError(f"file {file!r}: {digest!r} is not a sha256 hex digest")
+
+
+def canonical_metadata(meta: dict[str, Any]) -> bytes:
+    """adamix.json without its ``files`` table, as canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in meta.items() if k != "files"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_hash(meta: dict[str, Any]) -> str:
+    """sha256 over the canonical adamix.json and every file's sha256: an entry's whole content.
+
+    Two entries with the same manifest give the same answers (same weights, heads, label names,
+    prompt templates and settings); the store keeps it in its index and re-checks it on reads.
+    """
+    digest = hashlib.sha256(b"adamix-manifest-1\n" + canonical_metadata(meta) + b"\n")
+    for name, file_hash in sorted(meta.get("files", {}).items()):
+        digest.update(f"{name}\0{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def metadata_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The top-level fields that differ between two adamix.json (for error messages)."""
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
@@ -82,6 +146,8 @@ def verify_files(folder: Path, meta: dict[str, Any]) -> None:
     """
     folder = Path(folder)
     expected = meta["files"]
+    for name in expected:  # names from disk or a remote: never a path outside the folder
+        validate_relative_path("file", name)
     present = set(payload_files(folder))
     missing = sorted(set(expected) - present)
     extra = sorted(present - set(expected))

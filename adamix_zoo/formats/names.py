@@ -3,7 +3,10 @@
 Each part matches ``NAME_PATTERN``: 1 to 64 characters from letters, digits, ``.``, ``_``, ``-`` and
 ``+`` (merged entries are called ``sst2+rte``), starting with a letter or digit. So a part can hold
 no path separator, cannot be ``.`` or ``..`` and cannot start with ``-`` (no option injection in the
-CLI). ``latest`` is reserved as a version: it resolves to the newest published version.
+CLI). ``latest`` (any case) is reserved as a version: it resolves to the newest published version,
+so no entry can be published under it. Every name read from disk or from a remote (``adamix.json``,
+a pulled entry) goes through the same rule as user input (``formats.metadata.validate_metadata``);
+paths inside an entry go through ``validate_relative_path``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,39 @@ def validate_part(kind: str, value: str) -> str:
             f"{kind} {value!r} is not a valid name: use 1-{MAX_PART_LENGTH} letters, digits, '.', '_', "
             "'-' or '+', starting with a letter or digit"
         )
+    return value
+
+
+def validate_version(value: str) -> str:
+    """A version an entry can be published under: a valid part that is not the reserved ``latest``.
+
+    Raises:
+        ValueError: an invalid part, or ``latest`` in any case.
+    """
+    validate_part("version", value)
+    if value.lower() == LATEST:
+        raise ValueError(f"version {value!r} is reserved: '{LATEST}' always means the newest version")
+    return value
+
+
+def validate_relative_path(kind: str, value: str) -> str:
+    """A file path inside an entry (``heads/sst2.safetensors``): '/'-separated valid name parts.
+
+    So it is relative, has no '..', no empty or '.' part and no backslash: ``folder / value`` stays
+    inside the folder.
+
+    Raises:
+        ValueError: naming the offending part.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{kind} must be a non-empty relative path, got {value!r}")
+    if value.startswith("/") or len(value) > 4 * MAX_PART_LENGTH:
+        raise ValueError(f"{kind} {value[:80]!r} must be a short relative path inside the entry")
+    for part in value.split("/"):
+        try:
+            validate_part(kind, part)
+        except ValueError as err:
+            raise ValueError(f"{kind} {value[:80]!r} is not a path inside the entry: {err}") from None
     return value
 
 

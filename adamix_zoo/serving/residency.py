@@ -1,7 +1,9 @@
 """Which tasks are attached, which stay in memory (least recently used first out), and their slots.
 
-Every attached task keeps its folder (``TaskSource``) so that an evicted one reloads on demand; at
-most ``capacity`` are resident, and resident task i (in LRU order) owns slot i + 1 of the banks.
+Every attached task keeps its folder (``TaskSource``) so that an evicted one reloads on demand,
+and the digest of the files it was first read from: a reload whose files changed is refused
+(``ServerFaultError``) rather than served with other weights or labels. At most ``capacity`` are
+resident, and resident task i (in LRU order) owns slot i + 1 of the banks.
 Not thread-safe by itself: the engine holds its lock around every call.
 """
 
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adamix_zoo.serving.errors import UnknownTaskError
+from adamix_zoo.serving.errors import ServerFaultError, UnknownTaskError
 from adamix_zoo.serving.task_folders import TaskAdapter, read_task_adapter
 
 
@@ -39,9 +41,24 @@ class TaskSource:
     label_names: list[str] | None
     head: str | None
     prompt_template: str | None  # None: a classification or regression task
+    digest: str = ""  # of the files as first attached (``task_folders.folder_digest``)
 
     def read(self, task: str) -> TaskAdapter:
-        return read_task_adapter(self.folder, task, self.label_names, self.head)
+        """Re-read the task's folder.
+
+        Raises:
+            ServerFaultError: the folder no longer reads, or its files differ from those attached.
+        """
+        try:
+            adapter = read_task_adapter(self.folder, task, self.label_names, self.head)
+        except (ValueError, OSError) as err:
+            raise ServerFaultError(f"task {task!r} could not be reloaded from {self.folder}: {err}") from err
+        if self.digest and adapter.digest != self.digest:
+            raise ServerFaultError(
+                f"task {task!r}: the files in {self.folder} changed since it was attached; refusing "
+                "to serve them (attach it again to accept the new files)"
+            )
+        return adapter
 
 
 class TaskCache:
@@ -97,7 +114,9 @@ class TaskCache:
     ) -> None:
         """Attach (or replace) a checked adapter read with these arguments; it becomes the most
         recently used."""
-        self._sources[adapter.task] = TaskSource(folder, label_names, head, adapter.prompt_template)
+        self._sources[adapter.task] = TaskSource(
+            folder, label_names, head, adapter.prompt_template, adapter.digest
+        )
         self._resident[adapter.task] = adapter
         self._resident.move_to_end(adapter.task)
         self._changed(keep={adapter.task})

@@ -20,9 +20,17 @@ from typing import Any
 
 import torch
 
-from adamix_zoo.formats.files import ADAPTER_WEIGHTS_FILE, HEAD_FILE
+from adamix_zoo.formats.files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    HEAD_FILE,
+    MERGED_DIR,
+    METADATA_FILE,
+    RUN_CONFIG_FILE,
+    read_json,
+)
 from adamix_zoo.formats.merged import ADAPTER_PEFT_TYPE, MergedAdapter, read_merged
-from adamix_zoo.formats.metadata import read_task_metadata
+from adamix_zoo.formats.metadata import read_task_metadata, sha256_file, verify_files
 from adamix_zoo.formats.names import validate_part
 from adamix_zoo.heads import ClassificationHead, load_head
 
@@ -75,6 +83,7 @@ class TaskAdapter:
     base_model_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     prompt_template: str | None = None  # generation tasks: "...{source}..."
+    digest: str = ""  # sha256 over every file read (see ``folder_digest``); a reload must match it
 
     @property
     def modules(self) -> list[str]:
@@ -111,6 +120,44 @@ def _base_model(metadata: dict[str, Any]) -> tuple[str | None, str | None]:
     if isinstance(base, str):
         return base, None
     return None, None
+
+
+def _run_defaults(directory: Path) -> dict[str, Any]:
+    """For a run's ``merged/``: what its ``run_config.json`` says (task, labels, base model and its
+    fingerprint, prompt), so a load by path is checked against the served backbone too; else {}."""
+    run = _run_config(directory)
+    if run is None:
+        return {}
+    out = {k: run[k] for k in ("task", "label_names", "problem", "prompt_template") if run.get(k) is not None}
+    if run.get("backbone_fingerprint"):
+        out["base_model"] = {"id": run.get("backbone"), "fingerprint": run["backbone_fingerprint"]}
+    return out
+
+
+def _run_config(directory: Path) -> dict[str, Any] | None:
+    """The enclosing run's run_config.json for a run's ``merged/`` folder, else None."""
+    path = directory.parent / RUN_CONFIG_FILE
+    if directory.name != MERGED_DIR or not path.is_file():
+        return None
+    run = read_json(path)
+    return run if isinstance(run, dict) else None
+
+
+def folder_digest(directory: Path, head_path: Path | None) -> str:
+    """sha256 over the files a task is read from (adapter, config, adamix.json, head, run config).
+
+    Recorded when a task is attached and compared when an evicted task is reloaded, so a file
+    swapped meanwhile is refused instead of served.
+    """
+    directory = Path(directory)
+    files = [ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, METADATA_FILE]
+    paths = [directory / f for f in files] + ([head_path] if head_path is not None else [])
+    if directory.name == MERGED_DIR:
+        paths.append(directory.parent / RUN_CONFIG_FILE)
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}\0{sha256_file(path) if path.is_file() else '-'}\n".encode())
+    return digest.hexdigest()
 
 
 def task_heads(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -256,10 +303,13 @@ def read_task_adapter(
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"task folder {directory} does not exist")
+    metadata = _run_defaults(directory) | read_metadata(directory)
+    if isinstance(metadata.get("files"), dict) and metadata["files"]:  # a registry entry: check it
+        verify_files(directory, metadata)
+    head_name, head_path, head_info = _pick_head(directory, metadata, head)
+    digest = folder_digest(directory, head_path)  # before reading: what was checked is what is read
     merged = read_merged(directory)
     config = merged.config
-    metadata = read_metadata(directory)
-    head_name, head_path, head_info = _pick_head(directory, metadata, head)
     generates = head_info.get("problem", metadata.get("problem")) == "lm"
     task_head = None
     if not generates:
@@ -291,6 +341,7 @@ def read_task_adapter(
             if generates
             else None
         ),
+        digest=digest,
     )
     if config["peft_type"] == ADAPTER_PEFT_TYPE:
         adapter.adapters = _adapter_tensors(merged)
