@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from adamix_zoo.formats.files import check_json_lines
 from adamix_zoo.glue_tasks import TaskSpec
 
 HUB_DATASET = "nyu-mll/glue"
@@ -72,6 +73,8 @@ def load_split(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = 
         raise FileNotFoundError(f"task {task.name!r}: no {split}.jsonl in {folder}")
     if not path.read_text().strip():  # datasets cannot infer a schema from an empty file
         raise ValueError(f"task {task.name!r}: the {split} split is empty ({path})")
+    if path.suffix == ".jsonl":
+        check_json_lines(path)  # a bad row is named (file, row) instead of a datasets traceback
     return datasets.load_dataset("json", data_files={split: str(path)}, split=split)
 
 

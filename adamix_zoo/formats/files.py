@@ -68,3 +68,29 @@ def read_json(path: Path) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_json_lines(path: str | os.PathLike) -> int:
+    """Check that every non-blank line of a JSON-lines file is one JSON object; returns the rows.
+
+    Raises:
+        ValueError: naming the file, the row (1-based line number) and what was expected.
+    """
+    path, rows = Path(path), 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}, row {number}: not valid JSON ({err.msg} at column {err.colno}); "
+                    "expected one JSON object per line"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}, row {number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows += 1
+    return rows

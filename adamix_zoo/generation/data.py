@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset
 
+from adamix_zoo.formats.files import check_json_lines
 from adamix_zoo.generation.tasks import NLGTask
 
 IGNORE = -100  # label of tokens the loss skips (prompt and padding)
@@ -31,6 +32,8 @@ def load_split(task: NLGTask, split: str, data_dir: str | os.PathLike | None = N
     path = Path(data_dir) / task.name / f"{split}.jsonl"
     if not path.is_file():
         raise ValueError(f"no {split} split for {task.name}: {path} does not exist")
+    if not check_json_lines(path):
+        raise ValueError(f"{path} is empty")
     data = load_dataset("json", data_files=str(path), split="train")
     missing = [c for c in task.columns if c not in data.column_names]
     if missing:
