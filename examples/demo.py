@@ -4,19 +4,23 @@ minutes on 2 CPU cores (most of it the Flower simulation, whose clients run one 
     1. train     AdaMix-LoRA on SST-2 (4 experts, stochastic routing, consistency loss, merged at
                  eval): dev accuracy against the same model before training
     2. publish   the run into a registry (runs/demo-zoo) as an immutable entry
-    3. federate  AdaMix through Flower (simulation engine, its own SuperLink): 4 clients holding
-                 SST-2 or RTE; only the adapter experts travel, heads stay on the clients; both
-                 tasks' adapters are published with the federation's provenance
-    4. serve     one frozen backbone answers a mixed SST-2 / RTE batch in one forward pass
+    3. federate  AdaMix through Flower (simulation engine, its own SuperLink): 2 clients holding
+                 shards of SST-2; only the adapter experts travel, heads stay on the clients; the
+                 adapter is published with the federation's provenance
+    4. serve     `adamix-zoo serve` on both adapters (one frozen backbone, mixed-task batches),
+                 queried over HTTP, then stopped; the commands to do it yourself are printed
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from adamix_zoo.evaluation import evaluate_model
@@ -27,11 +31,10 @@ DATA_DIR = Path(os.environ.get("ADAMIX_DATA_DIR", ROOT.parent / "shared" / "data
 OUTPUT_DIR = ROOT / "runs" / "demo-sst2-adamix-lora"
 FEDERATION_DIR = ROOT / "runs" / "demo-federation"
 ZOO = ROOT / "runs" / "demo-zoo"  # the demo's own registry, so the user's zoo stays untouched
-MIXED_BATCH = [
-    ("sst2", "a gripping, beautifully acted film"),
-    ("rte", ("The cat sat on the mat all afternoon.", "A cat was sitting.")),
-    ("sst2", "a tedious, lifeless two hours"),
-    ("rte", ("Paris is the capital of France.", "Berlin is the capital of France.")),
+FEDERATED_NAME = "sst2-federated"  # both adapters are SST-2: the federated one is served renamed
+QUERIES = [  # (task, inputs) sent concurrently, so the server batches both adapters together
+    ("sst2", ["a gripping, beautifully acted film", "a tedious, lifeless two hours"]),
+    (FEDERATED_NAME, ["a tedious, lifeless two hours", "a gripping, beautifully acted film"]),
 ]
 
 
@@ -91,8 +94,8 @@ def publish(result: TrainResult) -> str:
 def federate() -> list[str]:
     """The same job through Flower, as a user runs it: `adamix-zoo federate` (it prints metrics)."""
     command = [
-        sys.executable, "-m", "adamix_zoo", "federate", "--tasks", "sst2,rte", "--clients", "4",
-        "--rounds", "2", "--local-steps", "15", "--data-dir", str(DATA_DIR),
+        sys.executable, "-m", "adamix_zoo", "federate", "--tasks", "sst2", "--clients", "2",
+        "--rounds", "2", "--local-steps", "40", "--data-dir", str(DATA_DIR),
         "--output-dir", str(FEDERATION_DIR), "--registry-dir", str(ZOO),
         "--run-config", "train-limit=2000 eval-limit=200 max-length=64",
     ]
@@ -102,20 +105,62 @@ def federate() -> list[str]:
     return result["published"]
 
 
-def serve(refs: list[str]) -> None:
-    """One frozen backbone, the federated SST-2 and RTE adapters, one mixed forward pass."""
-    from adamix_zoo.serving import ServingEngine
-    from registry import Store
+def serve_commands(store: Path, entries: list[str], port: int) -> list[str]:
+    """`adamix-zoo serve` on ``entries`` (NAME=REF or REF) of ``store``, and a curl per query."""
+    serve = ["adamix-zoo", "serve", "--store", str(store)]
+    for entry in entries:
+        serve += ["--entry", entry]
+    curls = [
+        "curl -s localhost:%d/v1/predict -d '%s'" % (port, json.dumps({"task": t, "inputs": x}))
+        for t, x in QUERIES
+    ]
+    return [" ".join(serve + ["--port", str(port)]), *curls]
 
-    store = Store(ZOO)
-    engine = ServingEngine.from_pretrained("minilm-l6")
-    for ref in refs:
-        engine.attach(store.get(ref), task=store.resolve(ref).task)
-    tasks, inputs = zip(*MIXED_BATCH)
-    print(f"\n== one backbone, tasks {sorted(engine.task_names())}, one mixed batch ==")
-    for task, text, answer in zip(tasks, inputs, engine.predict(list(tasks), list(inputs))):
-        shown = " || ".join(text) if isinstance(text, tuple) else text
-        print(f"[{task} {answer.version}] {answer.label:<15} p={answer.score:.2f}  {shown}")
+
+def serve(store: Path, entries: list[str], backbone: str = "minilm-l6", timeout: float = 300.0) -> list[dict]:
+    """Start the real HTTP server on ``entries``, send ``QUERIES`` over HTTP, stop it; the answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = serve_commands(store, entries, port)[0].split()[1:]
+    command = [sys.executable, "-m", "adamix_zoo", *command, "--backbone", backbone]
+    print(f"\n== serving over HTTP: {' '.join(command[2:])}")
+    server = subprocess.Popen(command)
+    try:
+        _wait_ready(server, f"http://127.0.0.1:{port}/healthz", timeout)
+        answers = [_post(f"http://127.0.0.1:{port}/v1/predict", {"task": t, "inputs": x}) for t, x in QUERIES]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    for (task, inputs), answer in zip(QUERIES, answers):
+        for text, p in zip(inputs, answer["predictions"]):
+            print(f"[{task} {answer['version'][:19]}] {p['label']:<9} p={p['score']:.2f}  {text}")
+    return answers
+
+
+def _wait_ready(server: subprocess.Popen, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"adamix-zoo serve exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"adamix-zoo serve was not ready within {timeout:.0f} s")
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def next_steps(entries: list[str]) -> None:
+    print("\n== try it yourself (in another terminal for the curl lines) ==")
+    for line in serve_commands(ZOO.relative_to(ROOT), entries, 8000):
+        print(line)
 
 
 def main() -> None:
@@ -124,8 +169,11 @@ def main() -> None:
     before = baseline(setup)
     result = train(setup)
     report(before, result, time.perf_counter() - start)
-    publish(result)
-    serve(federate())
+    central = publish(result)
+    federated = [ref for ref in federate() if "/sst2@" in ref][0]
+    entries = [central.split("@")[0], f"{FEDERATED_NAME}={federated.split('@')[0]}"]
+    serve(ZOO, entries)
+    next_steps(entries)
     print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min")
 
 

@@ -28,8 +28,8 @@ Entries = Annotated[
     typer.Option(
         "--entry",
         "-e",
-        help="A registry entry to attach, namespace/task@version (repeatable; all heads of a "
-        "merged entry).",
+        help="A registry entry to attach, namespace/task@version or NAME=namespace/task@version "
+        "(repeatable; all heads of a merged entry).",
     ),
 ]
 Backbone = Annotated[str, typer.Option(help="Backbone alias, folder or hub id.")]
@@ -82,7 +82,9 @@ def _engine(
         name, sep, path = spec.partition("=")
         sources.append((Path(path), name) if sep else (Path(spec), None))
     resolve = registry_resolver(store)
-    sources += [(resolve(ref), None) for ref in entry]
+    for spec in entry:
+        name, sep, ref = spec.partition("=")
+        sources.append((resolve(ref), name) if sep else (resolve(spec), None))
     for folder, name in sources:
         for info in engine.attach_all(folder, task=name):
             typer.echo(
