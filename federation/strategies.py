@@ -5,6 +5,12 @@ replies, wrong or extra tensor names, wrong shapes or dtypes, NaN/Inf, a bad ``n
 logs and drops the bad ones, aggregates the rest when at least ``min_valid`` remain, and checks the
 aggregate once more: a round that cannot produce a clean aggregate keeps the previous global
 experts, so a corrupted aggregate is never adopted (and so never saved or published).
+
+One client's influence is bounded: its update (its distance from the global experts sent this
+round) is clipped to ``max_norm_ratio`` times the median of the other clients' update norms, and
+its ``num-examples`` to ``max_weight_ratio`` times the median of the others' (training and
+evaluation alike). No client-supplied value can end the run: a reply the checks refuse is
+dropped, and a strategy that fails on the rest skips the round.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class RoundLog:
     rejected: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # round -> (node, why)
     accepted: dict[int, int] = field(default_factory=dict)  # round -> updates aggregated
     skipped: list[int] = field(default_factory=list)  # rounds that kept the previous experts
+    clipped: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # round -> (node, what)
     phase_seconds: dict[int, float] = field(
         default_factory=dict
     )  # round -> train send..aggregate wall time
@@ -75,6 +82,9 @@ class RoundLog:
                 r: [{"node": n, "reason": why} for n, why in v]
                 for r, v in self.rejected.items()
                 if v
+            },
+            "clipped_updates": {
+                r: [{"node": n, "what": what} for n, what in v] for r, v in self.clipped.items() if v
             },
             "round_train_phase_seconds": self.phase_seconds,
             "round_eval_phase_seconds": self.eval_seconds,
@@ -103,21 +113,50 @@ def reply_problem(msg: Message, spec: Spec) -> str | None:
     return "; ".join(problems) if problems else None
 
 
+def _number(value: Any) -> float | None:
+    """A client-supplied metric as a finite float, else None (lists, strings, bools, NaN, Inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def capped(values: list[float], ratio: float) -> list[float]:
+    """Each value at most ``ratio`` times the median of the *others* (a lone value is kept).
+
+    Leave-one-out, so one outlier cannot raise its own cap; a zero median caps nothing.
+    """
+    out = []
+    for i, value in enumerate(values):
+        others = values[:i] + values[i + 1:]
+        reference = float(np.median(others)) if others else 0.0
+        out.append(min(value, ratio * reference) if reference > 0 else value)
+    return out
+
+
 class ValidatingStrategy(Strategy):
-    """Wrap a Flower strategy so only well-formed, finite updates are aggregated.
+    """Wrap a Flower strategy so only well-formed, finite, bounded updates are aggregated.
 
     Args:
         inner: the Flower strategy (FedAvg, FedMedian, ..., or a DP wrapper around one).
         spec: expected name -> (shape, dtype) of every tensor an update carries.
         min_valid: updates a round needs to be aggregated; fewer keeps the previous experts.
         tasks: task names, to report evaluation metrics per task in multi-task runs.
+        max_norm_ratio: an update's norm (distance from the experts sent) is clipped to this
+            times the median of the other updates' norms.
+        max_weight_ratio: a reply's ``num-examples`` is clipped to this times the median of the
+            others' (so no client decides the aggregate by claiming a huge partition).
     """
 
-    def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str]) -> None:
+    def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
+                 max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0) -> None:
+        if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
+            raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
+        self.max_norm_ratio, self.max_weight_ratio = max_norm_ratio, max_weight_ratio
         self.log = RoundLog()
         self._sent_at: dict[int, float] = {}
         self._eval_sent_at: dict[int, float] = {}
+        self._sent: dict[int, ArrayRecord] = {}  # round -> the global experts sent (for update norms)
 
     def summary(self) -> None:
         log(
@@ -138,6 +177,7 @@ class ValidatingStrategy(Strategy):
                 strategy.current_arrays = arrays
         messages = self.inner.configure_train(server_round, arrays, config, grid)
         self._sent_at[server_round] = time.perf_counter()
+        self._sent = {server_round: arrays}  # only the current round's is needed
         return messages
 
     def configure_evaluate(
@@ -169,17 +209,20 @@ class ValidatingStrategy(Strategy):
         if server_round in self._sent_at:
             self.log.phase_seconds[server_round] = time.perf_counter() - self._sent_at[server_round]
         self.log.train_seconds[server_round] = [
-            float(m.content[METRICS_KEY].get("train-seconds", 0.0)) for m in good
+            _number(m.content[METRICS_KEY].get("train-seconds", 0.0)) or 0.0 for m in good
         ]
         self.log.accepted[server_round] = len(good)
         if len(good) < self.min_valid:
             return self._skip(
                 server_round, f"{len(good)} valid updates < min-clients={self.min_valid}"
             )
+        self._bound(server_round, good)
         try:
             arrays, metrics = self.inner.aggregate_train(server_round, good)
         except InconsistentMessageReplies as err:
             return self._skip(server_round, f"inconsistent replies: {err}")
+        except Exception as err:  # noqa: BLE001 - a client's values must not end the run
+            return self._skip(server_round, f"the strategy failed on the replies: {err!r}")
         if arrays is None:
             return self._skip(server_round, "the strategy produced no aggregate")
         arrays = self._as_spec_dtypes(arrays)
@@ -188,6 +231,33 @@ class ValidatingStrategy(Strategy):
             return self._skip(server_round, "corrupted aggregate: " + "; ".join(problems))
         log(INFO, "round %d: aggregated %d valid updates", server_round, len(good))
         return arrays, metrics
+
+    def _bound(self, server_round: int, replies: list[Message]) -> None:
+        """Clip, in place, each reply's update norm and ``num-examples`` against the others'."""
+        sent = self._sent.get(server_round)
+        base = {k: (sent[k].numpy().astype(np.float64) if sent is not None and k in sent else 0.0)
+                for k in self.spec}
+        deltas = [{k: m.content[ARRAYS_KEY][k].numpy().astype(np.float64) - base[k] for k in self.spec}
+                  for m in replies]
+        norms = [math.sqrt(sum(float(np.sum(d * d)) for d in delta.values())) for delta in deltas]
+        weights = [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
+        bounded = zip(replies, deltas, norms, capped(norms, self.max_norm_ratio),
+                      weights, capped(weights, self.max_weight_ratio))
+        for msg, delta, norm, limit, weight, weight_limit in bounded:
+            node = msg.metadata.src_node_id
+            if norm > limit:
+                scale = limit / norm
+                msg.content[ARRAYS_KEY] = ArrayRecord({
+                    k: Array(np.ascontiguousarray((base[k] + scale * delta[k]).astype(self.spec[k][1])))
+                    for k in self.spec})
+                self._note(server_round, node, f"update norm {norm:.3g} clipped to {limit:.3g}")
+            if weight > weight_limit:
+                msg.content[METRICS_KEY][NUM_EXAMPLES] = weight_limit
+                self._note(server_round, node, f"'{NUM_EXAMPLES}' {weight:.3g} clipped to {weight_limit:.3g}")
+
+    def _note(self, server_round: int, node: int, what: str) -> None:
+        self.log.clipped.setdefault(server_round, []).append((node, what))
+        log(WARNING, "round %d: node %d: %s", server_round, node, what)
 
     def _as_spec_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """Some strategies compute in float64; the global experts keep the model's dtypes."""
@@ -213,21 +283,22 @@ class ValidatingStrategy(Strategy):
             self.log.eval_seconds[server_round] = (
                 time.perf_counter() - self._eval_sent_at[server_round]
             )
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
+        usable = []  # (task index, num-examples, metrics) of the replies that make sense
         for msg in replies:
             if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
                 continue
             metrics = msg.content[METRICS_KEY]
-            n, index = metrics.get(NUM_EXAMPLES), int(metrics.get(TASK_KEY, 0))
-            if not isinstance(n, (int, float)) or n <= 0 or not 0 <= index < len(self.tasks):
+            n, index = _number(metrics.get(NUM_EXAMPLES)), _number(metrics.get(TASK_KEY, 0))
+            if n is None or n <= 0 or index is None or index != int(index) or not 0 <= index < len(self.tasks):
                 continue
-            for key, value in metrics.items():
-                if (
-                    key in (NUM_EXAMPLES, TASK_KEY)
-                    or not isinstance(value, (int, float))
-                    or not math.isfinite(value)
-                ):
+            usable.append((int(index), n, metrics))
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        counts = capped([n for _, n, _ in usable], self.max_weight_ratio)
+        for (index, _, metrics), n in zip(usable, counts):
+            for key, raw in metrics.items():
+                value = _number(raw)
+                if key in (NUM_EXAMPLES, TASK_KEY) or value is None:
                     continue
                 name = f"{self.tasks[index]}-{key}"
                 sums[name] = sums.get(name, 0.0) + value * n
