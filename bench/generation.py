@@ -1,141 +1,209 @@
-"""Generation fidelity: AdaMix-LoRA against LoRA on E2E with SmolLM2-135M, same rank and steps.
+"""Generation fidelity: AdaMix-LoRA against LoRA on E2E with SmolLM2-135M (the paper's NLG claim).
 
-    .venv/bin/python bench/generation.py            # 2 methods x 2 seeds (resumable)
-    .venv/bin/python bench/generation.py --quick    # a smoke run, no files
+Stages, in order, each resumable (one line per finished run in bench/results/generation_runs.jsonl,
+keyed by its settings and the protocol hash):
 
-Each finished run is appended to bench/results/generation_runs.jsonl and skipped when the benchmark
-is started again with the same protocol; the summary goes to bench/results/generation.json and the
-"generation" section of docs/BENCHMARKS.md. The paper's claim (GPT-2 medium, full E2E): AdaMix-LoRA
-71.0 vs LoRA 69.8 BLEU.
+1. ``budget``: LoRA at BUDGETS steps, seed 0. The *levelled* budget N is the smallest whose BLEU is
+   within LEVEL_BLEU of the best.
+2. ``weights``: AdaMix-LoRA at N with each CONSISTENCY_WEIGHTS value (100 is the official GPT-2
+   weight), seed 0; the best is kept.
+3. ``report``: REPORT_SEEDS for LoRA at N, and AdaMix-LoRA at N and 2N with the best weight and at
+   2N with the official weight.
+
+Every run scores greedy outputs on EVAL_MRS distinct validation MRs against all their references.
+
+    .venv/bin/python bench/generation.py              # all stages (hours on 2 CPU cores)
+    .venv/bin/python bench/generation.py --report-only
+    .venv/bin/python bench/generation.py --quick      # a smoke run, no files
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adamix_zoo.recipes.generation import GenerationArgs, run_generation  # noqa: E402
 from bench.report import RESULTS, machine, markdown_table, write_json, write_section  # noqa: E402
 
-METHODS = ("lora", "adamix-lora")
-SEEDS = (0, 1)
-# The official NLG setup (LoRA on q and v, r=4, alpha=32, token-masked consistency) with K=4 experts
-# instead of the paper's 8, and a training budget sized for a 2-core CPU: one epoch over 640 pairs,
-# about 10 minutes per seed (both methods) on an idle machine.
+BUDGETS = (150, 300, 600)
+LEVEL_BLEU = 0.5
+CONSISTENCY_WEIGHTS = (1.0, 10.0, 100.0)
+OFFICIAL_WEIGHT = 100.0
+SEARCH_SEED = 0
+REPORT_SEEDS = (1, 2, 3)
+EVAL_MRS = 200
+# The official NLG setup (LoRA on q and v, r=4, alpha=32, cross-entropy on the first pass, token-masked
+# consistency) with K=4 experts, bf16 autocast; 8,000 training pairs cover 2 x 600 steps of 8.
 PROTOCOL: dict[str, Any] = {
     "task": "e2e", "backbone": "smollm2-135m", "rank": 4, "alpha": 32.0, "num_experts": 4,
-    "sharing": "up", "consistency_weight": 1.0, "train_size": 640, "eval_size": 30,
-    "max_length": 64, "batch_size": 8, "steps": 80, "lr": 2e-3, "max_new_tokens": 40, "num_beams": 1,
+    "sharing": "up", "train_size": 8000, "eval_size": EVAL_MRS, "max_length": 64, "batch_size": 8,
+    "lr": 2e-3, "max_new_tokens": 40, "num_beams": 1, "precision": "bf16",
 }
-QUICK = {"train_size": 32, "eval_size": 4, "steps": 3, "max_new_tokens": 16}
+QUICK = {"train_size": 32, "eval_size": 4, "max_new_tokens": 16}
 RUNS = RESULTS / "generation_runs.jsonl"
 COMMAND = ".venv/bin/python bench/generation.py"
 
 
-def all_runs() -> list[dict]:
+def protocol_id(protocol: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def job(method: str, seed: int, steps: int, weight: float | None = None) -> dict[str, Any]:
+    return {"method": method, "seed": seed, "steps": steps, "consistency_weight": weight}
+
+
+def key(run: dict[str, Any]) -> str:
+    return json.dumps([run["method"], run["seed"], run["steps"], run["consistency_weight"]])
+
+
+def load_runs(pid: str) -> dict[str, dict[str, Any]]:
     if not RUNS.exists():
-        return []
-    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+        return {}
+    runs = (json.loads(line) for line in RUNS.read_text().splitlines() if line.strip())
+    return {key(r): r for r in runs if r.get("protocol_id") == pid}
 
 
-def finished_runs(protocol: dict[str, Any]) -> dict[tuple[str, int], dict]:
-    return {(r["method"], r["seed"]): r for r in all_runs() if r["protocol"] == protocol}
+def one_run(spec: dict[str, Any], protocol: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    from adamix_zoo.recipes.generation import GenerationArgs, run_generation
+
+    options = protocol | {"method": spec["method"], "seed": spec["seed"], "steps": spec["steps"]}
+    if spec["consistency_weight"] is not None:
+        options["consistency_weight"] = spec["consistency_weight"]
+    with tempfile.TemporaryDirectory() as out:
+        args = GenerationArgs.from_options(data_dir=data_dir, output_dir=out, **options)
+        start = time.perf_counter()
+        final = run_generation(args)
+    return spec | {"bleu": final["bleu"], "rouge_l": final["rouge_l"], "nist": final["nist"],
+                   "seconds": time.perf_counter() - start}
 
 
-def earlier_protocols() -> list[list[Any]]:
-    """Mean BLEU per budget and method of runs under other protocols (shorter budgets tried before)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in all_runs():
-        if r["protocol"] != PROTOCOL:
-            budget = f"{r['protocol']['train_size']} pairs, {r['protocol']['steps']} steps"
-            groups.setdefault((budget, r["method"]), []).append(r)
-    return [[budget, method, ", ".join(str(s) for s in sorted(r["seed"] for r in runs)),
-             f"{statistics.mean(r['bleu'] for r in runs):.2f}"]
-            for (budget, method), runs in groups.items()]
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
-def one_run(protocol: dict[str, Any], method: str, seed: int, data_dir: str, out: Path) -> dict:
-    args = GenerationArgs.from_options(method=method, seed=seed, data_dir=data_dir, output_dir=str(out), **protocol)
-    start = time.perf_counter()
-    final = run_generation(args)
-    return {"method": method, "seed": seed, "protocol": protocol, "bleu": final["bleu"],
-            "rouge_l": final["rouge_l"], "nist": final["nist"], "seconds": time.perf_counter() - start}
+def execute(jobs, protocol, data_dir, workers: int, done: dict[str, dict[str, Any]]) -> None:
+    todo = [j for j in jobs if key(j) not in done]
+    if not todo:
+        return
+    pid = protocol_id(protocol)
+
+    def record(run: dict[str, Any]) -> None:
+        run["protocol_id"] = pid
+        with RUNS.open("a") as f:
+            f.write(json.dumps(run) + "\n")
+        done[key(run)] = run
+        print(f"{run['method']} seed {run['seed']} {run['steps']} steps w={run['consistency_weight']}: "
+              f"BLEU {run['bleu']:.2f} ({run['seconds']:.0f} s)", flush=True)
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        for future in as_completed([pool.submit(one_run, j, protocol, data_dir) for j in todo]):
+            record(future.result())
 
 
-def summarize(runs: dict[tuple[str, int], dict]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for method in METHODS:
-        values = [r["bleu"] for (m, _), r in runs.items() if m == method]
-        summary[f"{method.replace('-', '_')}_bleu"] = statistics.mean(values) if values else None
-    return summary
+def levelled_budget(done) -> int | None:
+    bleu = {n: r["bleu"] for n in BUDGETS if (r := done.get(key(job("lora", SEARCH_SEED, n))))}
+    if len(bleu) < len(BUDGETS):
+        return None
+    return min(n for n in BUDGETS if bleu[n] >= max(bleu.values()) - LEVEL_BLEU)
 
 
-def report(runs: dict[tuple[str, int], dict], summary: dict[str, Any], command: str) -> None:
-    rows = [[m, s, r["bleu"], r["rouge_l"], r["nist"], round(r["seconds"])]
-            for (m, s), r in sorted(runs.items())]
+def best_weight(done, budget: int) -> float | None:
+    bleu = {w: r["bleu"] for w in CONSISTENCY_WEIGHTS
+            if (r := done.get(key(job("adamix-lora", SEARCH_SEED, budget, w))))}
+    return max(bleu, key=bleu.get) if len(bleu) == len(CONSISTENCY_WEIGHTS) else None
+
+
+def report_jobs(budget: int, weight: float) -> list[dict[str, Any]]:
+    jobs = []
+    for seed in REPORT_SEEDS:
+        jobs += [job("lora", seed, budget), job("adamix-lora", seed, budget, weight),
+                 job("adamix-lora", seed, 2 * budget, weight), job("adamix-lora", seed, 2 * budget, OFFICIAL_WEIGHT)]
+    return list({key(j): j for j in jobs}.values())
+
+
+def mean_bleu(done, method: str, steps: int, weight: float | None) -> float | None:
+    values = [r["bleu"] for s in REPORT_SEEDS if (r := done.get(key(job(method, s, steps, weight))))]
+    return statistics.fmean(values) if len(values) == len(REPORT_SEEDS) else None
+
+
+def summarize(done, budget: int | None, weight: float | None) -> dict[str, Any]:
+    if budget is None or weight is None:
+        return {"adamix_lora_bleu": None, "lora_bleu": None, "eval_mrs": EVAL_MRS, "seeds": list(REPORT_SEEDS)}
+    lora = mean_bleu(done, "lora", budget, None)
+    adamix = {n: mean_bleu(done, "adamix-lora", n, weight) for n in (budget, 2 * budget)}
+    best = max((v for v in adamix.values() if v is not None), default=None)
+    return {"lora_bleu": lora, "adamix_lora_bleu": best, "adamix_lora_bleu_1x": adamix[budget],
+            "adamix_lora_bleu_2x": adamix[2 * budget],
+            "adamix_lora_bleu_2x_official_weight": mean_bleu(done, "adamix-lora", 2 * budget, OFFICIAL_WEIGHT),
+            "levelled_budget": budget, "best_consistency_weight": weight, "eval_mrs": EVAL_MRS,
+            "seeds": list(REPORT_SEEDS),
+            "target_adamix_lora_bleu_ge_lora": None if best is None or lora is None else best >= lora}
+
+
+def report(done, summary: dict[str, Any]) -> None:
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [[r["method"], r["seed"], r["steps"], fmt(r["consistency_weight"]), fmt(r["bleu"]),
+             fmt(r["rouge_l"]), fmt(r["nist"]), round(r["seconds"])]
+            for r in sorted(done.values(), key=lambda r: (r["seed"], r["method"], r["steps"], str(r["consistency_weight"])))]
     p = PROTOCOL
     write_section("generation", "\n".join([
         "## Generation: AdaMix-LoRA vs LoRA on E2E (SmolLM2-135M)",
         "",
-        f"Protocol: {p['train_size']} E2E training pairs, {p['steps']} steps of {p['batch_size']}, "
-        f"lr {p['lr']}, max length {p['max_length']}; LoRA r={p['rank']}, alpha={p['alpha']} on q and v; "
-        f"AdaMix K={p['num_experts']} (B shared), token-masked consistency weight {p['consistency_weight']}; "
-        f"greedy decoding of {p['max_new_tokens']} tokens on the first {p['eval_size']} distinct validation "
-        f"MRs, scored against all their references (sacrebleu BLEU, ROUGE-L, NIST).",
+        f"Protocol (`bench/generation.py`): {p['train_size']} E2E training pairs, batch {p['batch_size']}, "
+        f"lr {p['lr']}, max length {p['max_length']}, bf16; LoRA r={p['rank']}, alpha={p['alpha']} on q and v; "
+        f"AdaMix K={p['num_experts']} (B shared, per-row routing, identical init, cross-entropy on the first "
+        f"pass); greedy decoding of {p['max_new_tokens']} tokens on {EVAL_MRS} distinct validation MRs, "
+        "scored against all their references (sacrebleu BLEU, ROUGE-L, NIST). LoRA's budget is where its "
+        f"seed-{SEARCH_SEED} BLEU levels off among {BUDGETS} steps (within {LEVEL_BLEU} BLEU of the best); "
+        f"AdaMix's consistency weight is the best of {CONSISTENCY_WEIGHTS} at that budget on seed {SEARCH_SEED}; "
+        f"reported on seeds {', '.join(map(str, REPORT_SEEDS))}.",
         "",
-        markdown_table(["method", "seed", "BLEU", "ROUGE-L", "NIST", "seconds"], rows),
+        markdown_table(["quantity", "value"], [[k, fmt(v) if isinstance(v, float) else v] for k, v in summary.items()]),
         "",
-        f"Mean BLEU: AdaMix-LoRA {summary['adamix_lora_bleu']:.2f}, LoRA {summary['lora_bleu']:.2f}. "
-        "The paper (GPT-2 medium, full E2E, 5 epochs): 71.0 vs 69.8. A run this short on a CPU is far "
-        "from convergence, so the absolute BLEU is not comparable with the paper's.",
+        markdown_table(["method", "seed", "steps", "consistency weight", "BLEU", "ROUGE-L", "NIST", "seconds"], rows),
         "",
-        "Earlier, shorter protocols (same settings otherwise; bench/results/generation_runs.jsonl):",
-        "",
-        markdown_table(["budget", "method", "seeds", "mean BLEU"], earlier_protocols()),
-        "",
-        f"Command: `{command}` (results in `bench/results/generation.json`).",
+        f"Command: `{COMMAND}` (results in `bench/results/generation.json`).",
     ]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few steps, 4 validation inputs, no files")
-    default_data = os.environ.get("ADAMIX_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--data-dir", default=default_data, help="folder with e2e/{train,validation}.jsonl")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds to run and report")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--data-dir", default=os.environ.get("ADAMIX_DATA_DIR", "../shared/data"))
     args = parser.parse_args()
-    seeds = tuple(args.seeds)
     if args.quick:
-        with tempfile.TemporaryDirectory() as tmp:
-            for method in METHODS:
-                print(one_run({**PROTOCOL, **QUICK}, method, 0, args.data_dir, Path(tmp) / method))
+        for method, weight in (("lora", None), ("adamix-lora", OFFICIAL_WEIGHT)):
+            print(one_run(job(method, 0, 3, weight), PROTOCOL | QUICK, args.data_dir))
         return
-    runs = {k: r for k, r in finished_runs(PROTOCOL).items() if k[1] in seeds}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            for method in METHODS:
-                if (method, seed) in runs:
-                    continue
-                run = one_run(PROTOCOL, method, seed, args.data_dir, Path(tmp) / f"{method}-{seed}")
-                RUNS.parent.mkdir(parents=True, exist_ok=True)
-                with RUNS.open("a") as f:
-                    f.write(json.dumps(run) + "\n")
-                runs[(method, seed)] = run
-                print(f"{method} seed {seed}: BLEU {run['bleu']:.2f} ({run['seconds']:.0f} s)")
-    summary = summarize(runs)
-    write_json("generation", {**summary, "runs": list(runs.values()), "protocol": PROTOCOL,
-                              "machine": machine()})
-    command = COMMAND + ("" if seeds == SEEDS else " --seeds " + " ".join(map(str, seeds)))
-    report(runs, summary, command)
-    print(json.dumps(summary))
+    done = load_runs(protocol_id(PROTOCOL))
+    if not args.report_only:
+        execute([job("lora", SEARCH_SEED, n) for n in BUDGETS], PROTOCOL, args.data_dir, args.workers, done)
+        budget = levelled_budget(done)
+        execute([job("adamix-lora", SEARCH_SEED, budget, w) for w in CONSISTENCY_WEIGHTS],
+                PROTOCOL, args.data_dir, args.workers, done)
+        execute(report_jobs(budget, best_weight(done, budget)), PROTOCOL, args.data_dir, args.workers, done)
+    budget = levelled_budget(done)
+    weight = best_weight(done, budget) if budget else None
+    summary = summarize(done, budget, weight)
+    write_json("generation", summary | {"protocol": PROTOCOL, "protocol_id": protocol_id(PROTOCOL),
+                                        "machine": machine(), "command": COMMAND})
+    report(done, summary)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
