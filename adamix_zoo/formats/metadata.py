@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,19 @@ def read_task_metadata(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"task metadata {path} must be a JSON object, got {type(data).__name__}")
     return data
+
+
+_ABSOLUTE = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")
+
+
+def scrub_local_paths(value: Any) -> Any:
+    """``value`` with every absolute local path (``/home/...``, ``~/...``, ``C:\\...``) replaced by
+    ``<local>/<last part>``: what is published names no folder of the publisher's machine."""
+    if isinstance(value, dict):
+        return {k: scrub_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_local_paths(v) for v in value]
+    if isinstance(value, str) and _ABSOLUTE.match(value):
+        name = re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+        return f"<local>/{name}" if name else "<local>"
+    return value
