@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serving.py            # full: batch 32, 15 repeats, 16 clients x 20 requests
     .venv/bin/python bench/serving.py --quick    # a smoke run (batch 8, 3 repeats, 4 x 5); no files
+    .venv/bin/python bench/serving.py --single-request   # only one-row request p50s, as the machine is now
 
 all-MiniLM-L6-v2 with 8 task adapters: LoRA rank 8 on query and value, **random-initialized with a
 non-zero B** (throughput does not depend on what the adapters learned), and random 2- or 3-class
@@ -13,7 +14,15 @@ heads. Inputs are GLUE SST-2 validation sentences (real lengths), tokenized once
   adapters loaded on the same backbone, heads applied per task group.
 Throughputs are rows per second from medians over interleaved repeats (mixed, single, peft, ...).
 Latency: ``adamix-zoo serve`` in a subprocess on 127.0.0.1, concurrent clients sending 1-4 inputs
-for random tasks; p50/p99 are measured inside the server (request in -> response out).
+for random tasks; p50/p99 are measured inside the server (request in -> response out); also with 64
+clients (``p99_ms_64_clients``, client side).
+- bf16: the same mixed batch on a bfloat16 engine (``bf16_vs_fp32_throughput_ratio``, the share of
+  rows whose label equals float32's: ``bf16_argmax_agreement``, and bf16 mixed vs single task).
+- one row: the bare backbone forward of one sentence (``bare_forward_one_row_ms``), one client
+  sending one-row requests one after another to an otherwise idle server
+  (``idle_single_request_p50_ms``), and the same beside a 2-process training job this benchmark
+  starts (``contended_single_request_p50_ms``; ``..._spinning_omp`` is the server run with
+  ``OMP_WAIT_POLICY=ACTIVE`` and every core, as before serve set a passive policy and left a core).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ SST2 = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "sst2" / "validation.jsonl"
 )
 NUM_TASKS, RANK, HIDDEN = 8, 8, 384
+DATA_DIR = SST2.parents[2]
 
 
 def sentences(n: int) -> list[str]:
@@ -154,11 +164,12 @@ def peft_runner(
 
 
 def throughput(
-    folders: list[Path], texts: list[str], batch_size: int, repeats: int, device: str
+    folders: list[Path], texts: list[str], batch_size: int, repeats: int, device: str,
+    dtype: str = "float32",
 ) -> dict:
     from adamix_zoo.serving import ServingEngine
 
-    engine = ServingEngine.from_pretrained("minilm-l6", device=device, capacity=NUM_TASKS)
+    engine = ServingEngine.from_pretrained("minilm-l6", device=device, capacity=NUM_TASKS, dtype=dtype)
     for folder in folders:
         engine.attach(folder)
     batch = {k: v.to(device) for k, v in engine.collate(engine.encode(texts[:batch_size])).items()}
@@ -168,13 +179,18 @@ def throughput(
     runs = {
         "mixed": lambda: engine.forward(mixed, batch),
         "single": lambda: engine.forward(single, batch),
-        "peft": peft_runner(folders, batch, mixed, device),
         "backbone": lambda: engine.forward([None] * batch_size, batch),
     }
+    if dtype == "float32":  # PEFT's path runs in float32 only here
+        runs["peft"] = peft_runner(folders, batch, mixed, device)
+    one = {k: v[:1].to(device) for k, v in engine.collate(engine.encode(texts[:1])).items()}
+    runs["bare_one_row"] = lambda: engine.backbone(**one)
     with torch.inference_mode():
         seconds = interleaved_medians(runs, repeats, device)
+        labels = [p.label for p in engine.predict(mixed, texts[:batch_size])]
     del backbone
     return {
+        "labels": labels,
         "seconds": seconds,
         "rows_per_s": {k: batch_size / v for k, v in seconds.items()},
         "tokens_per_batch": int(batch["attention_mask"].sum()),
@@ -184,12 +200,16 @@ def throughput(
 
 # -- server latency --------------------------------------------------------------------------------------
 def start_server(
-    folders: list[Path], port: int, max_batch_size: int, device: str
+    folders: list[Path], port: int, max_batch_size: int, device: str, spinning: bool = False
 ) -> subprocess.Popen:
+    """``adamix-zoo serve`` on ``folders``; ``spinning``: OpenMP's active wait policy, every core."""
+    import os
+
+    env = dict(os.environ)
     args = [
         sys.executable,
-        "-c",
-        "from adamix_zoo.cli import main; main()",
+        "-m",
+        "adamix_zoo",
         "serve",
         "--backbone",
         "minilm-l6",
@@ -206,7 +226,10 @@ def start_server(
     ]
     for i, folder in enumerate(folders):
         args += ["--task", f"task{i}={folder}"]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if spinning:
+        env["OMP_WAIT_POLICY"] = "ACTIVE"
+        args += ["--threads", str(os.cpu_count() or 1)]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_ready(process: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
@@ -266,6 +289,37 @@ async def load_test(url: str, texts: list[str], clients: int, requests: int) -> 
     }
 
 
+def single_requests(url: str, text: str, n: int) -> float:
+    """p50 (ms, client side) of ``n`` one-row requests sent one after another."""
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for i in range(n + 3):
+            start = time.perf_counter()
+            http.post("/v1/predict", json={"task": f"task{i % NUM_TASKS}", "inputs": [text]}).raise_for_status()
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[3:])  # the first ones load adapters
+
+
+def serving(
+    folders: list[Path], device: str, max_batch_size: int, measure: Callable[[str], dict], spinning: bool = False
+) -> dict:
+    """Start ``adamix-zoo serve`` on a free loopback port, ``measure(url)``, stop it."""
+    import socket
+
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = start_server(folders, port, max_batch_size, device, spinning)
+    try:
+        wait_ready(process, f"http://127.0.0.1:{port}")
+        return measure(f"http://127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def latency(
     folders: list[Path],
     texts: list[str],
@@ -274,18 +328,40 @@ def latency(
     max_batch_size: int,
     device: str,
 ) -> dict:
-    import socket
+    def measure(url: str) -> dict:
+        main = asyncio.run(load_test(url, texts, clients, requests))  # its server stats: this test's
+        many = asyncio.run(load_test(url, texts, 64, max(2, requests // 4)))
+        return {**main, "many": many, "idle_single_request_p50_ms": single_requests(url, texts[0], requests * 2)}
 
-    with socket.socket() as sock:  # a free loopback port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = start_server(folders, port, max_batch_size, device)
+    return serving(folders, device, max_batch_size, measure)
+
+
+def training_job(tmp: Path) -> subprocess.Popen:
+    """A 2-process data-parallel AdaMix training run on SST-2 that outlasts the measurement."""
+    args = [
+        sys.executable, "-m", "adamix_zoo", "train", "--task", "sst2", "--method", "adamix-lora",
+        "--data-dir", str(DATA_DIR), "--output-dir", str(tmp / "train"), "--train-subset", "2000",
+        "--max-steps", "100000", "--eval-every", "100000", "--nproc", "2", "--no-progress",
+    ]  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def contended(folders: list[Path], texts: list[str], n: int, device: str, tmp: Path, job: bool = True) -> dict:
+    """One-row request p50 beside a training job (``job=False``: beside whatever runs now),
+    with serve's passive OpenMP and a spare core, and with spinning OpenMP on every core."""
+    trainer = training_job(tmp) if job else None
     try:
-        wait_ready(process, f"http://127.0.0.1:{port}")
-        return asyncio.run(load_test(f"http://127.0.0.1:{port}", texts, clients, requests))
+        if trainer is not None:
+            time.sleep(20)  # past its start-up, into steady training
+        out = {}
+        for name, spinning in (("contended_single_request_p50_ms", False),
+                               ("contended_single_request_p50_ms_spinning_omp", True)):  # fmt: skip
+            out[name] = serving(folders, device, 32, lambda url: single_requests(url, texts[0], n), spinning)
+        return out
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if trainer is not None:
+            trainer.terminate()
+            trainer.wait(timeout=60)
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -294,10 +370,20 @@ def run(batch_size: int, repeats: int, clients: int, requests: int, device: str)
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(Path(tmp))
         speed = throughput(folders, texts, batch_size, repeats, device)
+        bf16 = throughput(folders, texts, batch_size, repeats, device, dtype="bfloat16")
         load = latency(folders, texts, clients, requests, batch_size, device)
-    rows = speed["rows_per_s"]
+        beside = contended(folders, texts, requests * 2, device, Path(tmp))
+    rows, rows16 = speed["rows_per_s"], bf16["rows_per_s"]
     server_ms = load["server"]["latency_ms"]
+    agree = sum(a == b for a, b in zip(speed["labels"], bf16["labels"])) / len(speed["labels"])
     return {
+        "bf16_vs_fp32_throughput_ratio": rows16["mixed"] / rows["mixed"],
+        "bf16_argmax_agreement": agree,
+        "mixed_vs_single_task_throughput_ratio_bf16": rows16["mixed"] / rows16["single"],
+        "bare_forward_one_row_ms": speed["seconds"]["bare_one_row"] * 1000,
+        "idle_single_request_p50_ms": load.pop("idle_single_request_p50_ms"),
+        "p99_ms_64_clients": load["many"]["client_p99_ms"],
+        **beside,
         "mixed_vs_single_task_throughput_ratio": rows["mixed"] / rows["single"],
         "mixed_vs_peft_throughput_ratio": rows["mixed"] / rows["peft"],
         # No adapter implementation can beat the bare backbone: this bounds the ratio above.
@@ -306,7 +392,8 @@ def run(batch_size: int, repeats: int, clients: int, requests: int, device: str)
         "latency_p50_ms": server_ms["p50"],
         "latency_p99_ms": server_ms["p99"],
         "throughput_rows_per_s": rows,
-        "seconds_per_batch": speed["seconds"],
+        "throughput_rows_per_s_bf16": rows16,
+        "seconds_per_batch": {k: v for k, v in speed["seconds"].items() if k != "bare_one_row"},
         "load_test": load,
         "setup": {
             "model": "all-MiniLM-L6-v2",
@@ -363,6 +450,16 @@ def report(results: dict) -> None:
                 f"of 1-4 inputs, random tasks): server-side latency p50 {results['latency_p50_ms']:.1f} ms, p99 "
                 f"{results['latency_p99_ms']:.1f} ms; {load['requests_per_s']:.1f} requests/s, {load['errors']} errors.",
                 "",
+                f"bfloat16: {results['bf16_vs_fp32_throughput_ratio']:.2f}x float32's mixed-batch throughput, "
+                f"argmax agreement {results['bf16_argmax_agreement']:.3f}, mixed vs single task "
+                f"{results['mixed_vs_single_task_throughput_ratio_bf16']:.3f}.",
+                "",
+                f"One row: bare forward {results['bare_forward_one_row_ms']:.1f} ms; one-row request p50 idle "
+                f"{results['idle_single_request_p50_ms']:.1f} ms, beside a 2-process training job "
+                f"{results['contended_single_request_p50_ms']:.1f} ms (spinning OpenMP on every core: "
+                f"{results['contended_single_request_p50_ms_spinning_omp']:.1f} ms); p99 with 64 clients "
+                f"{results['p99_ms_64_clients']:.1f} ms.",
+                "",
                 f"Command: `{COMMAND}` (results in `bench/results/serving.json`).",
             ]
         ),
@@ -376,8 +473,17 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="batch 8, 3 repeats, 4 clients x 5 requests; no files"
     )
+    parser.add_argument(
+        "--single-request", action="store_true",
+        help="only one-row request p50s (passive vs spinning OpenMP) beside whatever runs now; no files",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.single_request:
+        with tempfile.TemporaryDirectory() as tmp:
+            folders = make_adapters(Path(tmp))
+            print(json.dumps(contended(folders, sentences(4), 40, args.device, Path(tmp), job=False)))
+        return
     if args.quick:
         results = run(batch_size=8, repeats=3, clients=4, requests=5, device=args.device)
     else:
