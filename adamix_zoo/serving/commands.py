@@ -193,7 +193,8 @@ def serve(
 
     from adamix_zoo.serving.server import ServerSettings, create_app
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    torch.set_num_threads(threads or max(1, cores - 1))  # a core left for the event loop and neighbours
     _warn_if_exposed(host, api_key)
     try:
         engine = _engine(
