@@ -106,7 +106,7 @@ def train_command(
     analysis_samples: int = _opt("analysis_samples"),
     progress: bool = _opt("progress"),
 ) -> None:
-    from adamix_zoo.generation.tasks import NLG_TASKS
+    from adamix_zoo.generation.nlg_tasks import NLG_TASKS
     from adamix_zoo.recipes.glue import train
 
     values = {k: v for k, v in locals().items() if (k in _FIELDS or k in _MIXTURE) and v is not None}

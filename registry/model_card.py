@@ -39,7 +39,7 @@ def _metrics_lines(tasks: dict[str, Any]) -> list[str]:
 
 def _dataset(task: str) -> tuple[str, str | None] | None:
     """(Hub dataset id, config) a task was trained on (GLUE or a data-to-text task), else None."""
-    from adamix_zoo.generation.tasks import NLG_TASKS
+    from adamix_zoo.generation.nlg_tasks import NLG_TASKS
     from adamix_zoo.glue_tasks import TASKS
     name = re.sub(r"-v[0-9A-Za-z._+]+$", "", task)  # a merged entry renames a repeated task sst2-v3
     if name in TASKS:

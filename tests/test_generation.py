@@ -12,8 +12,8 @@ from adamix_zoo import AdaMixModel
 from adamix_zoo.generation.data import IGNORE, collate_lm, encode_pair, grouped_examples, training_pairs
 from adamix_zoo.generation.generate import generate
 from adamix_zoo.generation.metrics import bleu, nist, nlg_metrics, rouge_l
+from adamix_zoo.generation.nlg_tasks import PROMPT_TEMPLATE, NLGTask, get_nlg_task
 from adamix_zoo.generation.objective import lm_loss
-from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, NLGTask, get_nlg_task
 from adamix_zoo.recipes.generation import METHODS, GenerationArgs
 from tests.tiny import tiny_model, tiny_tokenizer
 

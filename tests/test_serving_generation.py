@@ -14,7 +14,7 @@ from adamix_zoo import AdaMixConfig, AdaMixModel, load_merged, save_merged
 from adamix_zoo.backbones import fingerprint
 from adamix_zoo.formats.files import HEAD_FILE, METADATA_FILE
 from adamix_zoo.generation.generate import generate
-from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, get_nlg_task
+from adamix_zoo.generation.nlg_tasks import PROMPT_TEMPLATE, get_nlg_task
 from adamix_zoo.heads import ClassificationHead, save_head
 from adamix_zoo.serving import ServingEngine
 from adamix_zoo.serving.engine import InputError, UnknownTaskError

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, load_dataset
 
 from adamix_zoo.formats.files import check_json_lines
-from adamix_zoo.generation.tasks import NLGTask
+from adamix_zoo.generation.nlg_tasks import NLGTask
 
 IGNORE = -100  # label of tokens the loss skips (prompt and padding)
 

@@ -11,7 +11,7 @@ from adamix_zoo.model import AdaMixModel
 
 if TYPE_CHECKING:  # the serving engine imports this module; keep `datasets` out of its imports
     from adamix_zoo.generation.data import Example
-    from adamix_zoo.generation.tasks import NLGTask
+    from adamix_zoo.generation.nlg_tasks import NLGTask
 
 
 def generate_ids(

@@ -27,8 +27,8 @@ from adamix_zoo.formats.run_folder import RunFolder, run_config
 from adamix_zoo.generation.data import collate_lm, encode_pair, grouped_examples, load_split, training_pairs
 from adamix_zoo.generation.generate import generate_examples
 from adamix_zoo.generation.metrics import nlg_metrics
+from adamix_zoo.generation.nlg_tasks import PROMPT_TEMPLATE, get_nlg_task
 from adamix_zoo.generation.objective import lm_loss
-from adamix_zoo.generation.tasks import PROMPT_TEMPLATE, get_nlg_task
 from adamix_zoo.loop import train_steps
 from adamix_zoo.model import AdaMixModel
 from adamix_zoo.optim import make_scheduler
