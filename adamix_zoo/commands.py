@@ -23,7 +23,7 @@ _MIXTURE = {f.name: f for f in dataclasses.fields(AdaMixConfig)}
 _GLUE_ADAMIX = _FIELDS["adamix"].default_factory()
 # Options whose default differs between the recipes: None on the command line, each recipe's own.
 _RECIPE_DEFAULT = ("batch_size", "max_length", "weight_decay", "num_experts", "rank", "alpha", "bottleneck",
-                   "sharing")
+                   "sharing", "task_loss_passes")
 
 
 def _opt(name: str, *flags: str, **kw: Any) -> Any:
@@ -99,6 +99,12 @@ def train_command(
     bottleneck: int | None = _opt("bottleneck"),
     sharing: str | None = _opt("sharing"),
     consistency_weight: float | None = _opt("consistency_weight"),
+    routing: str = _opt("routing"),
+    expert_init: str = _opt("expert_init"),
+    adapter_init: str = _opt("adapter_init"),
+    task_loss_passes: str | None = _opt("task_loss_passes"),
+    second_pass: str = _opt("second_pass"),
+    precision: str = _opt("precision"),
     pooling: str = _opt("pooling"),
     head_dropout: float = _opt("head_dropout"),
     device: str = _opt("device"),
@@ -137,7 +143,7 @@ def _train_generation(values: dict[str, Any]) -> None:
     renamed = {"train_size": v.pop("train_subset", 0), "eval_size": v.pop("validation_subset", 0),
                "steps": v.pop("max_steps", 0), "lr": v.pop("lr", None)}
     shared = ("task", "method", "seed", "data_dir", "max_length", "batch_size", "warmup_ratio", "weight_decay",
-              "max_grad_norm", *_MIXTURE)
+              "max_grad_norm", "precision", *_MIXTURE)
     options = {k: x for k, x in v.items() if k in shared} | {k: x for k, x in renamed.items() if x}
     options["backbone"] = "smollm2-135m" if v["backbone"] == _FIELDS["backbone"].default else v["backbone"]
     options["output_dir"] = v.get("output_dir") or f"runs/{v['task']}-{v['method']}-s{v['seed']}"

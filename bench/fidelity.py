@@ -320,9 +320,12 @@ def ablation_table(done, tasks, steps: int) -> str:
     for variant, (method, changes) in ABLATIONS.items():
         vals = [(r["score"] if (r := _find(done, t, method, GRID_SEED, ABLATION_LR, steps, variant)) else None)
                 for t in tasks]
-        cpu = [r["cpu_s"] for t in tasks if (r := _find(done, t, method, GRID_SEED, ABLATION_LR, steps, variant))]
-        rows.append([variant, *map(fmt, vals), fmt(_mean(vals) if None not in vals else None), fmt(_mean(cpu))])
-    return markdown_table(["variant (one change)", *tasks, "average", "CPU s per run"], rows)
+        runs = [r for t in tasks if (r := _find(done, t, method, GRID_SEED, ABLATION_LR, steps, variant))]
+        early = _mean([r["curve"][0][1] for r in runs]) if len(runs) == len(tasks) else None
+        rows.append([variant, *map(fmt, vals), fmt(_mean(vals) if None not in vals else None), fmt(early),
+                     fmt(_mean([r["cpu_s"] for r in runs]))])
+    return markdown_table(["variant (one change)", *tasks, "average", f"average at {steps // EVALS_PER_RUN} steps",
+                           "CPU s per run"], rows)
 
 
 def plot_curve(done, seeds, lrs, steps: int) -> Path | None:

@@ -140,3 +140,30 @@ def test_second_pass_target_runs_without_gradient(second_pass):
     assert grad_modes == ([True] if second_pass == "train" else [True, False])
     assert second.requires_grad == (second_pass == "train")
     assert not torch.allclose(first, second)  # independently routed
+
+
+def test_cli_method_options_reach_the_mixture(monkeypatch):
+    from typer.testing import CliRunner
+
+    import adamix_zoo.recipes.glue as glue
+    from adamix_zoo.cli import _register_commands, app
+
+    seen = {}
+
+    def fake_train(args):
+        seen["args"] = args
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(glue, "train", fake_train)
+    _register_commands()
+    result = CliRunner().invoke(app, [
+        "train", "--task", "sst2", "--routing", "batch", "--expert-init", "independent",
+        "--adapter-init", "zero-up", "--task-loss-passes", "first", "--second-pass", "target",
+        "--consistency-weight", "0.5", "--precision", "fp32"])
+    assert "stop here" in result.output
+    mix = seen["args"].adamix
+    assert (mix.routing, mix.expert_init, mix.adapter_init, mix.task_loss_passes, mix.second_pass,
+            mix.consistency_weight) == ("batch", "independent", "zero-up", "first", "target", 0.5)
+    assert seen["args"].precision == "fp32"
+    bad = CliRunner().invoke(app, ["train", "--task", "sst2", "--routing", "token"])
+    assert bad.exit_code != 0 and "routing" in bad.output
