@@ -132,6 +132,7 @@ class AdapterTensors:
     down_bias: torch.Tensor  # (m,)
     up_weight: torch.Tensor  # (d, m)
     up_bias: torch.Tensor  # (d,)
+    activation: str = "gelu"
 
 
 @dataclass
@@ -184,9 +185,10 @@ class MergedAdapter:
         return out
 
     def adapters(self, strict: bool = True) -> dict[str, AdapterTensors]:
-        """Per module the bottleneck's down / up weights and biases."""
+        """Per module the bottleneck's down / up weights and biases, and the config's activation."""
+        activation = self.config.get("activation", "gelu")
         return {module: AdapterTensors(p["adapter_down.weight"], p["adapter_down.bias"],
-                                       p["adapter_up.weight"], p["adapter_up.bias"])
+                                       p["adapter_up.weight"], p["adapter_up.bias"], activation)
                 for module, p in self.modules(strict).items()}
 
     def check_shapes(self) -> None:

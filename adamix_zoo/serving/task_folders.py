@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adamix_zoo.formats.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -29,7 +27,7 @@ from adamix_zoo.formats.files import (
     RUN_CONFIG_FILE,
     read_json,
 )
-from adamix_zoo.formats.merged import ADAPTER_PEFT_TYPE, MergedAdapter, read_merged
+from adamix_zoo.formats.merged import ADAPTER_PEFT_TYPE, AdapterTensors, LoRATensors, MergedAdapter, read_merged
 from adamix_zoo.formats.metadata import read_task_metadata, sha256_file, verify_files
 from adamix_zoo.formats.names import validate_part
 from adamix_zoo.heads import ClassificationHead, load_head
@@ -48,26 +46,6 @@ def check_task_name(name: str) -> str:
 
 
 @dataclass
-class LoRAWeights:
-    """One adapted projection: A (r, d_in), B (d_out, r) and the scale alpha / r."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-
-
-@dataclass
-class AdapterWeights:
-    """One Houlsby (bottleneck) adapter on a projection's output: h + up(act(down(h)))."""
-
-    down_weight: torch.Tensor  # (m, d)
-    down_bias: torch.Tensor  # (m,)
-    up_weight: torch.Tensor  # (d, m)
-    up_bias: torch.Tensor  # (d,)
-    activation: str
-
-
-@dataclass
 class TaskAdapter:
     """Everything the engine needs to serve one task, read from its folder."""
 
@@ -75,8 +53,8 @@ class TaskAdapter:
     kind: str  # "lora" or "adapter"
     source: Path
     head: ClassificationHead | None  # None: a generation task (the LM head answers)
-    lora: dict[str, LoRAWeights] = field(default_factory=dict)
-    adapters: dict[str, AdapterWeights] = field(default_factory=dict)  # kind "adapter"
+    lora: dict[str, LoRATensors] = field(default_factory=dict)
+    adapters: dict[str, AdapterTensors] = field(default_factory=dict)  # kind "adapter"
     label_names: list[str] | None = None
     version: str = ""
     base_fingerprint: str | None = None
@@ -252,23 +230,22 @@ def _version(metadata: dict[str, Any], weights: Path) -> str:
     return "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
-def _lora_tensors(merged: MergedAdapter) -> dict[str, LoRAWeights]:
+def _lora_tensors(merged: MergedAdapter) -> dict[str, LoRATensors]:
     config, where = merged.config, merged.where / ADAPTER_WEIGHTS_FILE
     for option in ("rank_pattern", "alpha_pattern"):
         if config.get(option):
             raise ValueError(f"{where}: LoRA {option} is not supported by the serving engine")
     if config.get("use_dora"):
         raise ValueError(f"{where}: DoRA adapters are not supported by the serving engine")
-    return {module: LoRAWeights(t.a.float(), t.b.float(), t.scale)
+    return {module: LoRATensors(t.a.float(), t.b.float(), t.rank, t.scale)
             for module, t in _grouped(merged.lora, where).items()}
 
 
-def _adapter_tensors(merged: MergedAdapter) -> dict[str, AdapterWeights]:
-    activation = merged.config.get("activation", "gelu")
+def _adapter_tensors(merged: MergedAdapter) -> dict[str, AdapterTensors]:
     where = merged.where / ADAPTER_WEIGHTS_FILE
     return {
-        module: AdapterWeights(t.down_weight.float(), t.down_bias.float(), t.up_weight.float(),
-                               t.up_bias.float(), activation=activation)
+        module: AdapterTensors(t.down_weight.float(), t.down_bias.float(), t.up_weight.float(),
+                               t.up_bias.float(), t.activation)
         for module, t in _grouped(merged.adapters, where).items()
     }
 
