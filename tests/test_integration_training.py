@@ -46,5 +46,6 @@ def test_torchrun_two_processes_train_through_the_cli(tmp_path):
     config = json.loads((out / "run_config.json").read_text())
     assert config["world_size"] == 2
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1  # written once (rank 0), not once per rank
+    # four evaluations per run, each written once (rank 0), not once per rank
+    assert [json.loads(line)["step"] for line in lines] == [2, 4, 6, 8]
     assert (out / "adamix_experts.safetensors").is_file()
