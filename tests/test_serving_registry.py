@@ -78,3 +78,33 @@ def test_load_by_reference_over_http(store):
         assert answer.status_code == 200 and answer.json()["version"] == "1"
         missing = httpx.post(f"{server.url}/v1/tasks/load", json={"reference": "local/nope@1"})
         assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+
+
+def test_load_from_the_hub_pulls_through_the_registry(store, tmp_path, monkeypatch):
+    """``{"ref": "hf://user/repo@revision"}`` pulls the entry (sha256 checked) into the server's
+    store, then attaches it; a Hub that cannot be reached is a clear 4xx."""
+    import huggingface_hub.constants as constants
+
+    from registry.remote import push_hub
+    from tests.hub_standin import HubStandIn, ServerThread
+
+    standin = HubStandIn("hf_test")
+    with ServerThread(standin.app) as hub:
+        for name, value in (("HF_ENDPOINT", hub.url), ("HF_TOKEN", "hf_test"), ("HF_HUB_DISABLE_XET", "1")):
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        sha = push_hub(store, "sst2@1", "alice/sst2-adamix")
+        served = registry.Store(tmp_path / "served")
+        settings = ServerSettings(allow_load=True, resolve_reference=registry_resolver(str(served.root)))
+        engine = ServingEngine(tiny_model("bert", head="base"), tiny_tokenizer())
+        with RunningServer(create_app(engine, settings)) as server:
+            loaded = httpx.post(f"{server.url}/v1/tasks/load",
+                                json={"ref": f"hf://alice/sst2-adamix@{sha}", "task": "hub-sst2"})
+            assert loaded.status_code == 200, loaded.text
+            assert [e.ref for e in served.list()] == ["local/sst2@1"]
+            answer = httpx.post(f"{server.url}/v1/predict", json={"task": "hub-sst2", "inputs": [sentence(1, 4)]})
+            assert answer.status_code == 200, answer.text
+            monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+            offline = httpx.post(f"{server.url}/v1/tasks/load", json={"ref": "hf://alice/other", "task": "x"})
+            assert offline.status_code == 400 and "cannot pull hf://alice/other" in offline.text

@@ -97,20 +97,31 @@ def _engine(
 
 def registry_resolver(root: str | None = None) -> ReferenceResolver:
     """A resolver of registry references (``namespace/task@version``) -> verified entry folders,
-    in the store at ``root`` (default: the registry's home), for the engine and the server.
+    in the store at ``root`` (default: the registry's home), for the engine and the server. A Hub
+    reference ``hf://user/repo[@revision]`` is pulled into that store first (every sha256 checked).
 
-    The resolver raises ValueError when the registry package is not installed or the entry fails
-    verification, and KeyError (the registry's EntryNotFoundError) when there is no such entry.
+    The resolver raises ValueError when the registry package is not installed, the entry fails
+    verification or the Hub cannot be reached, and KeyError (the registry's EntryNotFoundError)
+    when there is no such entry.
     """
 
     def resolve(reference: str) -> Path:
         try:
             from registry import Store  # optional: adamix_zoo never needs the registry
+            from registry.remote import pull_hub
         except ImportError as err:
             raise ValueError(
                 f"loading by registry reference needs the registry package ({err}); give a path"
             ) from err
-        return Store(root).get(reference)
+        if not reference.startswith("hf://"):
+            return Store(root).get(reference)
+        repo, _, revision = reference.removeprefix("hf://").partition("@")
+        try:
+            return pull_hub(Store(root), repo, revision=revision or None).path
+        except (KeyError, ValueError):
+            raise
+        except Exception as err:  # network and Hub errors: one clear line, not a traceback
+            raise ValueError(f"cannot pull {reference}: {type(err).__name__}: {err}") from err
 
     return resolve
 

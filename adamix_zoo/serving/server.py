@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from adamix_zoo.serving import openai_api
 from adamix_zoo.serving.batcher import DynamicBatcher
@@ -124,9 +124,12 @@ class TasksResponse(BaseModel):
 
 
 class LoadRequest(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)  # "reference" or its short alias "ref"
+
     path: str | None = Field(default=None, description="A merged task folder on the server.")
     reference: str | None = Field(
-        default=None, description="A registry entry: namespace/task@version."
+        default=None, alias="ref",
+        description="A registry entry (namespace/task@version) or a Hub entry (hf://user/repo@revision).",
     )
     task: str | None = Field(default=None, description="Serve it under this name.")
     head: str | None = Field(default=None, description="One head of a cross-task merged entry.")
