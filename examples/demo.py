@@ -96,7 +96,7 @@ def federate() -> list[str]:
     command = [
         sys.executable, "-m", "adamix_zoo", "federate", "--tasks", "sst2", "--clients", "2",
         "--rounds", "2", "--local-steps", "40", "--data-dir", str(DATA_DIR),
-        "--output-dir", str(FEDERATION_DIR), "--registry-dir", str(ZOO),
+        "--output-dir", str(FEDERATION_DIR), "--store", str(ZOO),
         "--run-config", "train-limit=2000 eval-limit=200 max-length=64",
     ]
     print("\n== federated AdaMix-LoRA with Flower: " + " ".join(command[2:]))

@@ -40,7 +40,7 @@ def federate(
     output_dir: Path = typer.Option(Path("outputs/federation"), help="Run folder to write."),
     publish: bool = typer.Option(True, help="Publish the merged global adapter into the registry."),
     registry_dir: Optional[Path] = typer.Option(
-        None, help="Registry root (default: $ADAMIX_ZOO_HOME or the user cache folder)."
+        None, "--store", help="Registry root (default: $ADAMIX_ZOO_HOME or the user cache folder)."
     ),
     deployment: bool = typer.Option(
         False, help="Real SuperNode processes instead of the simulation engine."
