@@ -116,7 +116,17 @@ def load_runs(pid: str, log: Path = LOG) -> dict[str, dict[str, Any]]:
             run = json.loads(line)
             if run.get("protocol_id") == pid:
                 runs[run_key(run)] = run
+                if run.get("variant") and _is_default(run["changes"]):
+                    # An ablation row that spells out the defaults is also the plain run.
+                    runs.setdefault(run_key(run | {"variant": None}), run | {"variant": None})
     return runs
+
+
+def _is_default(changes: dict[str, Any]) -> bool:
+    from adamix_zoo.config import AdaMixConfig
+
+    default = AdaMixConfig()
+    return all(getattr(default, k) == v for k, v in changes.items())
 
 
 def spec(task: str, method: str, seed: int, lr: float, steps: int, variant: str | None = None,
