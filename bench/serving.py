@@ -14,15 +14,17 @@ heads. Inputs are GLUE SST-2 validation sentences (real lengths), tokenized once
   adapters loaded on the same backbone, heads applied per task group.
 Throughputs are rows per second from medians over interleaved repeats (mixed, single, peft, ...).
 Latency: ``adamix-zoo serve`` in a subprocess on 127.0.0.1, concurrent clients sending 1-4 inputs
-for random tasks; p50/p99 are measured inside the server (request in -> response out); also with 64
-clients (``p99_ms_64_clients``, client side).
+for random tasks; p50/p99 are measured inside the server (request in -> response out). The latency
+matrix (``latency_matrix_ms``): client-side p50/p99 for 1, 16 and 64 concurrent clients, idle and beside
+a training job (``p99_ms_64_clients`` is its idle 64-client p99).
 - bf16: the same mixed batch on a bfloat16 engine (``bf16_vs_fp32_throughput_ratio``, the share of
   rows whose label equals float32's: ``bf16_argmax_agreement``, and bf16 mixed vs single task).
 - one row: the bare backbone forward of one sentence (``bare_forward_one_row_ms``), one client
   sending one-row requests one after another to an otherwise idle server
-  (``idle_single_request_p50_ms``), and the same beside a 2-process training job this benchmark
-  starts (``contended_single_request_p50_ms``; ``..._spinning_omp`` is the server run with
-  ``OMP_WAIT_POLICY=ACTIVE`` and every core, as before serve set a passive policy and left a core).
+  (``idle_single_request_p50_ms``), and the same beside an ``adamix-zoo train`` job this benchmark
+  starts (``contended_single_request_p50_ms``), for serve's default threading and three others
+  (``contended_threading_study_ms``: intra-op threads on every core or all but one, OpenMP waits
+  passive or spinning), and the bare forward beside it with every core and with one thread.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -200,9 +203,10 @@ def throughput(
 
 # -- server latency --------------------------------------------------------------------------------------
 def start_server(
-    folders: list[Path], port: int, max_batch_size: int, device: str, spinning: bool = False
+    folders: list[Path], port: int, max_batch_size: int, device: str, threads: int | None = None,
+    omp_wait_policy: str | None = None,
 ) -> subprocess.Popen:
-    """``adamix-zoo serve`` on ``folders``; ``spinning``: OpenMP's active wait policy, every core."""
+    """``adamix-zoo serve`` on ``folders``; ``threads`` / ``omp_wait_policy`` None: serve's defaults."""
     import os
 
     env = dict(os.environ)
@@ -226,9 +230,10 @@ def start_server(
     ]
     for i, folder in enumerate(folders):
         args += ["--task", f"task{i}={folder}"]
-    if spinning:
-        env["OMP_WAIT_POLICY"] = "ACTIVE"
-        args += ["--threads", str(os.cpu_count() or 1)]
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
+    if threads:
+        args += ["--threads", str(threads)]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -289,8 +294,8 @@ async def load_test(url: str, texts: list[str], clients: int, requests: int) -> 
     }
 
 
-def single_requests(url: str, text: str, n: int) -> float:
-    """p50 (ms, client side) of ``n`` one-row requests sent one after another."""
+def single_requests(url: str, text: str, n: int) -> dict[str, float]:
+    """p50 and p99 (ms, client side) of ``n`` one-row requests sent one after another."""
     import httpx
 
     times = []
@@ -299,11 +304,12 @@ def single_requests(url: str, text: str, n: int) -> float:
             start = time.perf_counter()
             http.post("/v1/predict", json={"task": f"task{i % NUM_TASKS}", "inputs": [text]}).raise_for_status()
             times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[3:])  # the first ones load adapters
+    times = sorted(times[3:])  # the first ones load adapters
+    return {"p50": statistics.median(times), "p99": times[int(0.99 * (len(times) - 1))]}
 
 
 def serving(
-    folders: list[Path], device: str, max_batch_size: int, measure: Callable[[str], dict], spinning: bool = False
+    folders: list[Path], device: str, max_batch_size: int, measure: Callable[[str], dict], **threading: Any
 ) -> dict:
     """Start ``adamix-zoo serve`` on a free loopback port, ``measure(url)``, stop it."""
     import socket
@@ -311,7 +317,7 @@ def serving(
     with socket.socket() as sock:  # a free loopback port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = start_server(folders, port, max_batch_size, device, spinning)
+    process = start_server(folders, port, max_batch_size, device, **threading)
     try:
         wait_ready(process, f"http://127.0.0.1:{port}")
         return measure(f"http://127.0.0.1:{port}")
@@ -330,38 +336,105 @@ def latency(
 ) -> dict:
     def measure(url: str) -> dict:
         main = asyncio.run(load_test(url, texts, clients, requests))  # its server stats: this test's
-        many = asyncio.run(load_test(url, texts, 64, max(2, requests // 4)))
-        return {**main, "many": many, "idle_single_request_p50_ms": single_requests(url, texts[0], requests * 2)}
+        return {**main, "idle_single_request_p50_ms": single_requests(url, texts[0], requests * 2)["p50"]}
 
     return serving(folders, device, max_batch_size, measure)
 
 
 def training_job(tmp: Path) -> subprocess.Popen:
-    """A 2-process data-parallel AdaMix training run on SST-2 that outlasts the measurement."""
+    """``adamix-zoo train`` on SST-2 at its defaults (torch's intra-op threads on every core), long
+    enough to outlast the measurement; raises if it is not training 20 s after its start."""
     args = [
         sys.executable, "-m", "adamix_zoo", "train", "--task", "sst2", "--method", "adamix-lora",
         "--data-dir", str(DATA_DIR), "--output-dir", str(tmp / "train"), "--train-subset", "2000",
-        "--max-steps", "100000", "--eval-every", "100000", "--nproc", "2", "--no-progress",
+        "--max-steps", "100000", "--eval-every", "100000", "--no-progress",
     ]  # fmt: skip
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp / "training-job.log"
+    with open(log, "wb") as out:
+        trainer = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    time.sleep(20)  # past its start-up, into steady training
+    if trainer.poll() is not None:
+        raise RuntimeError(f"the training job exited ({trainer.returncode}): {log.read_text()[-2000:]}")
+    return trainer
+
+
+def stop(trainer: subprocess.Popen) -> None:
+    trainer.terminate()
+    trainer.wait(timeout=60)
+
+
+# How ``adamix-zoo serve`` may run its forward passes (name -> --threads, OMP_WAIT_POLICY); the first
+# is serve's default (every core but one, passive waits).
+SERVER_THREADING = {
+    "serve default (cores-1 threads, passive)": (None, None),
+    "cores-1 threads, spinning": (None, "ACTIVE"),
+    "all cores, passive": (0, "PASSIVE"),
+    "all cores, spinning": (0, "ACTIVE"),
+}
+
+
+def bare_forward_ms(threads: int, n: int = 30) -> float:
+    """Median ms of a one-row backbone forward in this process with ``threads`` intra-op threads."""
+    from transformers import AutoModel, AutoTokenizer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    path = resolve_backbone("minilm-l6")
+    model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(sentences(1), return_tensors="pt")
+    times = []
+    with torch.inference_mode():
+        for _ in range(n + 3):
+            start = time.perf_counter()
+            model(**batch)
+            times.append((time.perf_counter() - start) * 1000)
+    torch.set_num_threads(before)
+    return statistics.median(times[3:])
 
 
 def contended(folders: list[Path], texts: list[str], n: int, device: str, tmp: Path, job: bool = True) -> dict:
-    """One-row request p50 beside a training job (``job=False``: beside whatever runs now),
-    with serve's passive OpenMP and a spare core, and with spinning OpenMP on every core."""
+    """One-row requests beside a training job (``job=False``: beside whatever runs now): p50/p99 per
+    server threading (``SERVER_THREADING``), and the bare forward with every core and with one."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
     trainer = training_job(tmp) if job else None
     try:
-        if trainer is not None:
-            time.sleep(20)  # past its start-up, into steady training
-        out = {}
-        for name, spinning in (("contended_single_request_p50_ms", False),
-                               ("contended_single_request_p50_ms_spinning_omp", True)):  # fmt: skip
-            out[name] = serving(folders, device, 32, lambda url: single_requests(url, texts[0], n), spinning)
-        return out
+        study = {}
+        for name, (threads, policy) in SERVER_THREADING.items():
+            study[name] = serving(folders, device, 32, lambda url: single_requests(url, texts[0], n),
+                                  threads=cores if threads == 0 else threads, omp_wait_policy=policy)
+        bare = {f"{t} threads": bare_forward_ms(t) for t in sorted({cores, 1})}
     finally:
         if trainer is not None:
-            trainer.terminate()
-            trainer.wait(timeout=60)
+            stop(trainer)
+    default = next(iter(study.values()))
+    return {"contended_single_request_p50_ms": default["p50"], "contended_single_request_p99_ms": default["p99"],
+            "contended_threading_study_ms": study, "contended_bare_forward_one_row_ms": bare}
+
+
+# Concurrent clients -> requests each (1-4 inputs, random tasks): about 320 requests per cell but the first.
+MATRIX_CLIENTS = {1: 40, 16: 20, 64: 5}
+
+
+def latency_matrix(folders: list[Path], texts: list[str], max_batch_size: int, device: str, tmp: Path) -> dict:
+    """Client-side p50/p99 (ms) for 1, 16 and 64 concurrent clients, on an idle machine and beside the
+    2-process training job, each on a fresh server."""
+    def measure(url: str) -> dict:
+        out = {}
+        for clients, requests in MATRIX_CLIENTS.items():
+            load = asyncio.run(load_test(url, texts, clients, requests))
+            out[str(clients)] = {"p50": load["client_p50_ms"], "p99": load["client_p99_ms"],
+                                 "requests_per_s": load["requests_per_s"], "errors": load["errors"]}
+        return out
+
+    matrix = {"idle": serving(folders, device, max_batch_size, measure)}
+    trainer = training_job(tmp)
+    try:
+        matrix["beside_training"] = serving(folders, device, max_batch_size, measure)
+    finally:
+        stop(trainer)
+    return matrix
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -373,6 +446,7 @@ def run(batch_size: int, repeats: int, clients: int, requests: int, device: str)
         bf16 = throughput(folders, texts, batch_size, repeats, device, dtype="bfloat16")
         load = latency(folders, texts, clients, requests, batch_size, device)
         beside = contended(folders, texts, requests * 2, device, Path(tmp))
+        matrix = latency_matrix(folders, texts, batch_size, device, Path(tmp))
     rows, rows16 = speed["rows_per_s"], bf16["rows_per_s"]
     server_ms = load["server"]["latency_ms"]
     agree = sum(a == b for a, b in zip(speed["labels"], bf16["labels"])) / len(speed["labels"])
@@ -382,8 +456,9 @@ def run(batch_size: int, repeats: int, clients: int, requests: int, device: str)
         "mixed_vs_single_task_throughput_ratio_bf16": rows16["mixed"] / rows16["single"],
         "bare_forward_one_row_ms": speed["seconds"]["bare_one_row"] * 1000,
         "idle_single_request_p50_ms": load.pop("idle_single_request_p50_ms"),
-        "p99_ms_64_clients": load["many"]["client_p99_ms"],
+        "p99_ms_64_clients": matrix["idle"]["64"]["p99"],
         **beside,
+        "latency_matrix_ms": matrix,
         "mixed_vs_single_task_throughput_ratio": rows["mixed"] / rows["single"],
         "mixed_vs_peft_throughput_ratio": rows["mixed"] / rows["peft"],
         # No adapter implementation can beat the bare backbone: this bounds the ratio above.
@@ -417,6 +492,7 @@ def report(results: dict) -> None:
         for name, target in TARGETS.items()
     ]
     r, s, load = results["throughput_rows_per_s"], results["setup"], results["load_test"]
+    matrix = results["latency_matrix_ms"]
     write_section(
         "serving",
         "\n".join(
@@ -455,10 +531,33 @@ def report(results: dict) -> None:
                 f"{results['mixed_vs_single_task_throughput_ratio_bf16']:.3f}.",
                 "",
                 f"One row: bare forward {results['bare_forward_one_row_ms']:.1f} ms; one-row request p50 idle "
-                f"{results['idle_single_request_p50_ms']:.1f} ms, beside a 2-process training job "
-                f"{results['contended_single_request_p50_ms']:.1f} ms (spinning OpenMP on every core: "
-                f"{results['contended_single_request_p50_ms_spinning_omp']:.1f} ms); p99 with 64 clients "
+                f"{results['idle_single_request_p50_ms']:.1f} ms, beside the training job "
+                f"{results['contended_single_request_p50_ms']:.1f} ms; p99 with 64 clients "
                 f"{results['p99_ms_64_clients']:.1f} ms.",
+                "",
+                "Beside the training job (`adamix-zoo train` at its defaults, busy on every core), one-row "
+                "requests one after another, by how the server runs its forward passes:",
+                "",
+                markdown_table(
+                    ["server threading", "p50 ms", "p99 ms"],
+                    [[name, v["p50"], v["p99"]] for name, v in results["contended_threading_study_ms"].items()],
+                ),
+                "",
+                "Bare one-row forward beside the job: "
+                + ", ".join(f"{k} {v:.1f} ms" for k, v in results["contended_bare_forward_one_row_ms"].items())
+                + ".",
+                "",
+                "Latency as clients see it (ms, p50 / p99; requests of 1-4 inputs for random tasks, each "
+                "setting on a fresh server; beside training = beside the training job above):",
+                "",
+                markdown_table(
+                    ["concurrent clients", "idle", "beside training", "ratio of p50s"],
+                    [
+                        [c, *(f"{m[c]['p50']:.1f} / {m[c]['p99']:.1f}" for m in matrix.values()),
+                         f"{matrix['beside_training'][c]['p50'] / matrix['idle'][c]['p50']:.2f}"]
+                        for c in matrix["idle"]
+                    ],
+                ),
                 "",
                 f"Command: `{COMMAND}` (results in `bench/results/serving.json`).",
             ]
@@ -475,7 +574,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--single-request", action="store_true",
-        help="only one-row request p50s (passive vs spinning OpenMP) beside whatever runs now; no files",
+        help="only the one-row request study (server threading) beside whatever runs now; no files",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
