@@ -9,6 +9,8 @@ run is one line of bench/results/fidelity_runs.jsonl, keyed by its settings and 
 2. ``report``: REPORT_SEEDS at the chosen rates, every method at 1x (BASE_STEPS) and the AdaMix
    methods plus lora / adapter (the control for "more steps") at 2x.
 3. ``curve``: lora and adamix-lora on stsb and sst2 at CURVE_STEPS, for the budget curve PNG.
+4. ``merge``: the best 1x AdaMix-LoRA run folder of each task (runs/fidelity/, any seed at the chosen
+   rate) merged across all four tasks by ``bench/registry.py`` (bench/results/registry.json).
 
 ``--ablation`` runs ABLATIONS instead: one choice changed at a time, seed GRID_SEED, on ABLATION_TASKS.
 
@@ -96,6 +98,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 PAPER = "BERT-base GLUE average: AdaMix 84.5, Houlsby 83.0, full fine-tuning 82.7, LoRA 82.2 (Wang et al., 2022)"
 LOG = RESULTS / "fidelity_runs.jsonl"
+# The 1x AdaMix-LoRA runs keep their run folders: the best of each task feeds the cross-task merge.
+SAVED_METHOD = "adamix-lora"
+RUNS_DIR = ROOT / "runs" / "fidelity"
 CURVE_PNG = ROOT / "docs" / "fidelity_budget_curve.png"
 
 
@@ -140,9 +145,11 @@ def run_one(job: dict[str, Any], protocol: dict[str, Any], data_dir: str) -> dic
     from adamix_zoo.recipes.glue import train, train_args
 
     steps = job["max_steps"]
+    folder = saved_folder(job)
     args = train_args(
         task=job["task"], method=job["method"], seed=job["seed"], data_dir=data_dir, lr=job["lr"],
-        max_steps=steps, eval_every=max(1, steps // EVALS_PER_RUN), save=False, progress=False,
+        max_steps=steps, eval_every=max(1, steps // EVALS_PER_RUN), save=folder is not None,
+        output_dir=str(folder or RUNS_DIR / "unsaved"), progress=False,
         analyze_experts=job["method"].startswith("adamix-"), **(protocol | job["changes"]),
     )
     wall, cpu = time.perf_counter(), _cpu_seconds()
@@ -152,11 +159,20 @@ def run_one(job: dict[str, Any], protocol: dict[str, Any], data_dir: str) -> dic
             "best_step": result.best_step, "metrics": result.best_metrics,
             "curve": [[h["step"], 100 * h["metrics"][result.main_metric]] for h in result.history],
             "wall_s": time.perf_counter() - wall, "cpu_s": _cpu_seconds() - cpu}
+    if folder is not None:
+        run["folder"] = str(folder.relative_to(ROOT))
     if result.analysis:
         a = result.analysis
         run["analysis"] = {k: a[k] for k in ("merged", "fixed", "random", "median_single")}
         run["merged_minus_median"] = 100 * a["merged_minus_median"]
     return run
+
+
+def saved_folder(job: dict[str, Any]) -> Path | None:
+    """Where a 1x AdaMix-LoRA run of the protocol writes its run folder (None: not saved)."""
+    if job["method"] != SAVED_METHOD or job["max_steps"] != BASE_STEPS or job["variant"]:
+        return None
+    return RUNS_DIR / f"{job['task']}-seed{job['seed']}-lr{job['lr']:g}"
 
 
 def _init_worker() -> None:
@@ -243,6 +259,30 @@ def curve_jobs(tasks, seeds, lrs: dict[str, float]) -> list[dict[str, Any]]:
 def ablation_jobs(tasks: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
     return [spec(t, method, GRID_SEED, ABLATION_LR, steps, variant, changes)
             for variant, (method, changes) in ABLATIONS.items() for t in tasks]
+
+
+def best_saved_runs(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], lrs: dict[str, float]) -> list[Path]:
+    """Per task, the folder of the best-scoring 1x AdaMix-LoRA run at the chosen rate, over all seeds."""
+    folders = []
+    for task in tasks:
+        runs = [r for r in done.values() if r["task"] == task and r["method"] == SAVED_METHOD
+                and r["max_steps"] == BASE_STEPS and not r["variant"] and r["lr"] == lrs.get(SAVED_METHOD)
+                and r.get("folder") and (ROOT / r["folder"]).is_dir()]
+        if not runs:
+            return []
+        folders.append(ROOT / max(runs, key=lambda r: r["score"])["folder"])
+    return folders
+
+
+def cross_task_merge(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], lrs: dict[str, float]) -> None:
+    """``bench/registry.py`` over the best 1x AdaMix-LoRA adapter of every task at once."""
+    from bench import registry
+
+    folders = best_saved_runs(done, tasks, lrs)
+    if not folders:
+        print("cross-task merge: waiting for a saved AdaMix-LoRA run of every task", flush=True)
+        return
+    registry.main(["--runs", *map(str, folders)])
 
 
 # -- summary -----------------------------------------------------------------------------------------
@@ -447,7 +487,7 @@ weight 1, task loss on both passes, K=4, B shared); command `python bench/fideli
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("ADAMIX_DATA_DIR", "../shared/data"))
-    parser.add_argument("--stage", choices=("grid", "report", "curve", "all"), default="all")
+    parser.add_argument("--stage", choices=("grid", "report", "curve", "merge", "all"), default="all")
     parser.add_argument("--ablation", action="store_true", help="the one-change ablations only")
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from finished runs")
     parser.add_argument("--quick", action="store_true", help="tiny data and budget, one task, nothing written")
@@ -469,6 +509,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 execute(report_jobs(tasks, seeds, lrs, steps), protocol, opts.data_dir, opts.workers, done, log)
             if opts.stage in ("curve", "all"):
                 execute(curve_jobs(tasks, seeds, lrs), protocol, opts.data_dir, opts.workers, done, log)
+            if opts.stage in ("merge", "all") and not opts.quick:
+                cross_task_merge(done, tasks, lrs)
     results = write_report(done, protocol, tasks, seeds, steps, opts.quick)
     print(json.dumps(results["targets"], indent=2))
     return results

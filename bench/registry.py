@@ -109,6 +109,7 @@ def report(results: dict[str, Any], methods: list[str], command: str, quick: boo
     payload = {
         "cross_task_retention_min": primary["retention_min"],
         "cross_task_retention_mean": primary["retention_mean"],
+        "tasks_merged": list(results["single"]),
         "primary_method": methods[0],
         "weights": "1/n each (an average)",
         "quick": quick,
