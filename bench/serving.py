@@ -231,7 +231,10 @@ def start_server(
     for i, folder in enumerate(folders):
         args += ["--task", f"task{i}={folder}"]
     if omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = omp_wait_policy
+        policy, _, dynamic = omp_wait_policy.partition("+")
+        env["OMP_WAIT_POLICY"] = policy
+        if dynamic:
+            env["OMP_DYNAMIC"] = "true"
     if threads:
         args += ["--threads", str(threads)]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -370,6 +373,7 @@ SERVER_THREADING = {
     "cores-1 threads, spinning": (None, "ACTIVE"),
     "all cores, passive": (0, "PASSIVE"),
     "all cores, spinning": (0, "ACTIVE"),
+    "all cores, passive, OMP_DYNAMIC (threads from the load average)": (0, "PASSIVE+DYNAMIC"),
 }
 
 
