@@ -396,25 +396,30 @@ def bare_forward_ms(threads: int, n: int = 30) -> float:
     return statistics.median(times[3:])
 
 
-def contended(folders: list[Path], texts: list[str], n: int, device: str, tmp: Path, job: bool = True) -> dict:
-    """One-row requests beside a training job (``job=False``: beside whatever runs now): p50/p99 per
-    server threading (``SERVER_THREADING``), and the bare forward with every core and with one."""
+def threading_study(folders: list[Path], texts: list[str], n: int, device: str) -> dict:
+    """One-row requests one after another: p50/p99 per server threading (``SERVER_THREADING``), and
+    the bare forward in this process with every core and with one thread."""
     import os
 
     cores = len(os.sched_getaffinity(0))
+    study = {}
+    for name, (threads, policy) in SERVER_THREADING.items():
+        study[name] = serving(folders, device, 32, lambda url: single_requests(url, texts[0], n),
+                              threads=cores if threads == 0 else threads, omp_wait_policy=policy)
+    return {"requests": study, "bare_forward_one_row_ms": {f"{t} threads": bare_forward_ms(t) for t in sorted({cores, 1})}}
+
+
+def contended(folders: list[Path], texts: list[str], n: int, device: str, tmp: Path, job: bool = True) -> dict:
+    """``threading_study`` beside a training job (``job=False``: beside whatever runs now)."""
     trainer = training_job(tmp) if job else None
     try:
-        study = {}
-        for name, (threads, policy) in SERVER_THREADING.items():
-            study[name] = serving(folders, device, 32, lambda url: single_requests(url, texts[0], n),
-                                  threads=cores if threads == 0 else threads, omp_wait_policy=policy)
-        bare = {f"{t} threads": bare_forward_ms(t) for t in sorted({cores, 1})}
+        study = threading_study(folders, texts, n, device)
     finally:
         if trainer is not None:
             stop(trainer)
-    default = next(iter(study.values()))
+    default = next(iter(study["requests"].values()))
     return {"contended_single_request_p50_ms": default["p50"], "contended_single_request_p99_ms": default["p99"],
-            "contended_threading_study_ms": study, "contended_bare_forward_one_row_ms": bare}
+            "contended_threading_study_ms": study}
 
 
 # Concurrent clients -> requests each (1-4 inputs, random tasks): about 320 requests per cell but the first.
@@ -449,6 +454,7 @@ def run(batch_size: int, repeats: int, clients: int, requests: int, device: str)
         speed = throughput(folders, texts, batch_size, repeats, device)
         bf16 = throughput(folders, texts, batch_size, repeats, device, dtype="bfloat16")
         load = latency(folders, texts, clients, requests, batch_size, device)
+        idle_study = threading_study(folders, texts, requests * 2, device)
         beside = contended(folders, texts, requests * 2, device, Path(tmp))
         matrix = latency_matrix(folders, texts, batch_size, device, Path(tmp))
     rows, rows16 = speed["rows_per_s"], bf16["rows_per_s"]
@@ -462,6 +468,7 @@ def run(batch_size: int, repeats: int, clients: int, requests: int, device: str)
         "idle_single_request_p50_ms": load.pop("idle_single_request_p50_ms"),
         "p99_ms_64_clients": matrix["idle"]["64"]["p99"],
         **beside,
+        "idle_threading_study_ms": idle_study,
         "latency_matrix_ms": matrix,
         "mixed_vs_single_task_throughput_ratio": rows["mixed"] / rows["single"],
         "mixed_vs_peft_throughput_ratio": rows["mixed"] / rows["peft"],
@@ -497,6 +504,7 @@ def report(results: dict) -> None:
     ]
     r, s, load = results["throughput_rows_per_s"], results["setup"], results["load_test"]
     matrix = results["latency_matrix_ms"]
+    idle, beside = results["idle_threading_study_ms"], results["contended_threading_study_ms"]
     write_section(
         "serving",
         "\n".join(
@@ -539,16 +547,19 @@ def report(results: dict) -> None:
                 f"{results['contended_single_request_p50_ms']:.1f} ms; p99 with 64 clients "
                 f"{results['p99_ms_64_clients']:.1f} ms.",
                 "",
-                "Beside the training job (`adamix-zoo train` at its defaults, busy on every core), one-row "
-                "requests one after another, by how the server runs its forward passes:",
+                "One-row requests one after another, on an idle machine and beside the training job "
+                "(`adamix-zoo train` at its defaults, busy on every core), by how the server runs its "
+                "forward passes (ms):",
                 "",
                 markdown_table(
-                    ["server threading", "p50 ms", "p99 ms"],
-                    [[name, v["p50"], v["p99"]] for name, v in results["contended_threading_study_ms"].items()],
+                    ["server threading", "idle p50", "beside training p50", "beside training p99"],
+                    [[name, idle["requests"][name]["p50"], v["p50"], v["p99"]]
+                     for name, v in beside["requests"].items()],
                 ),
                 "",
-                "Bare one-row forward beside the job: "
-                + ", ".join(f"{k} {v:.1f} ms" for k, v in results["contended_bare_forward_one_row_ms"].items())
+                "Bare one-row forward, idle / beside the job: "
+                + ", ".join(f"{k} {idle['bare_forward_one_row_ms'][k]:.1f} / {v:.1f} ms"
+                            for k, v in beside["bare_forward_one_row_ms"].items())
                 + ".",
                 "",
                 "Latency as clients see it (ms, p50 / p99; requests of 1-4 inputs for random tasks, each "
