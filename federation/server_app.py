@@ -25,7 +25,7 @@ from federation.config import FederationConfig
 from federation.output import CLIENT_HEADS_DIR, TASKS_DIR, publish, write_run
 from federation.records import HEAD_PREFIX, Spec, check_record, from_record, record_bytes, spec_of, to_record
 from federation.strategies import ValidatingStrategy, build_strategy
-from federation.task import TaskFamily, family_of
+from federation.task import GlobalEvaluation, TaskFamily, family_of
 
 app = ServerApp()
 RESULT_FILE = "federation_result.json"
@@ -123,7 +123,7 @@ def write_result(outcome: Outcome) -> Path:
     return path
 
 
-def _evaluate(cfg: FederationConfig, family: TaskFamily, model, task: str):
+def _evaluate(cfg: FederationConfig, family: TaskFamily, model, task: str) -> GlobalEvaluation:
     """The global model's final evaluation on the task's validation rows (logged)."""
     evaluation = family.evaluate_global(cfg, model, task)
     log(INFO, "global model on %s validation: %s", task, evaluation.metrics)
