@@ -4,7 +4,9 @@ A train message carries the global experts (``arrays``: only ``adamix_*`` tensor
 when the head is federated) and ``config`` (``server-round``). The client loads them into its own
 model on the frozen backbone, trains ``local-steps`` steps with stochastic routing and the
 consistency loss, and replies with the same tensor names, ``num-examples`` and metrics.
-A head that is not federated (multi-task runs) stays on the client, in the run's ``Context.state``.
+A head that is not federated (multi-task GLUE runs) stays on the client, in the run's
+``Context.state``. What a model, its data and its training are depends on the run's task family
+(``federation.task.family_of``: GLUE classification or data-to-text generation).
 """
 
 from __future__ import annotations
@@ -14,21 +16,10 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-from adamix_zoo.heads import save_head
 from federation.config import FederationConfig
 from federation.records import from_record, to_record
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, TASK_KEY
-from federation.task import (
-    batches,
-    build_model,
-    client_data,
-    evaluate_examples,
-    head_of,
-    load_head_state,
-    load_shared_state,
-    shared_state,
-    train_round,
-)
+from federation.task import TaskFamily, family_of
 
 LOCAL_HEAD = "local-head"  # Context.state key of a head that never leaves the client
 HEAD_DIR = "head-dir"  # evaluate config: where a local head is saved after the last round
@@ -64,48 +55,42 @@ def settings(context: Context) -> tuple[FederationConfig, int]:
     return cfg, pid
 
 
-def _model(cfg: FederationConfig, pid: int, task: str, context: Context, arrays: ArrayRecord):
+def _model(
+    family: TaskFamily, cfg: FederationConfig, pid: int, task: str, context: Context, arrays: ArrayRecord
+) -> torch.nn.Module:
     """This client's model: received experts (and head), or its own head from the run's state."""
-    model = build_model(cfg, task, head_seed=None if cfg.head_federated else cfg.seed + 1 + pid)
-    if not cfg.head_federated and LOCAL_HEAD in context.state.array_records:
-        load_head_state(model, from_record(context.state[LOCAL_HEAD]))
-    load_shared_state(model, from_record(arrays))
+    model = family.build_model(cfg, task, head_seed=cfg.seed + 1 + pid if cfg.local_head else None)
+    if cfg.local_head and LOCAL_HEAD in context.state.array_records:
+        family.load_head_state(model, from_record(context.state[LOCAL_HEAD]))
+    family.load_shared_state(model, from_record(arrays))
     return model
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, pid = settings(context)
-    spec, examples = client_data(cfg, pid, "train")
-    model = _model(cfg, pid, spec.name, context, msg.content[ARRAYS_KEY])
+    family = family_of(cfg)
+    task, examples = family.client_data(cfg, pid, "train")
+    model = _model(family, cfg, pid, task, context, msg.content[ARRAYS_KEY])
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + pid  # distinct per client and round
-    model.backbone.seed_routing(seed)
-    torch.manual_seed(seed)  # dropout
-    stats = train_round(model, cfg, spec, batches(cfg, spec, examples, seed))
-    if not cfg.head_federated:
-        context.state[LOCAL_HEAD] = to_record(head_of(model))
+    stats = family.train_round(model, cfg, task, examples, seed)
+    if cfg.local_head:
+        context.state[LOCAL_HEAD] = to_record(family.head_of(model))
     metrics = MetricRecord({NUM_EXAMPLES: len(examples), **stats})
-    content = RecordDict(
-        {ARRAYS_KEY: to_record(shared_state(model, cfg.head_federated)), METRICS_KEY: metrics}
-    )
-    return Message(content, reply_to=msg)
+    shared = family.shared_state(model, cfg.head_federated)
+    return Message(RecordDict({ARRAYS_KEY: to_record(shared), METRICS_KEY: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid = settings(context)
-    spec, examples = client_data(cfg, pid, "validation")
-    model = _model(cfg, pid, spec.name, context, msg.content[ARRAYS_KEY])
-    scores = evaluate_examples(cfg, spec, model, examples)
+    family = family_of(cfg)
+    task, examples = family.client_data(cfg, pid, "validation")
+    model = _model(family, cfg, pid, task, context, msg.content[ARRAYS_KEY])
+    scores = family.evaluate(cfg, task, model, examples)
     config = msg.content[CONFIG_KEY]
-    if (
-        not cfg.head_federated
-        and HEAD_DIR in config
-        and int(config["server-round"]) == cfg.num_rounds
-    ):
-        save_head(model.head, f"{config[HEAD_DIR]}/{spec.name}/partition-{pid}.safetensors")
-    metrics = MetricRecord(
-        {NUM_EXAMPLES: len(examples), TASK_KEY: cfg.task_list.index(spec.name), **scores}
-    )
+    if cfg.local_head and HEAD_DIR in config and int(config["server-round"]) == cfg.num_rounds:
+        family.save_client_head(model, f"{config[HEAD_DIR]}/{task}/partition-{pid}.safetensors")
+    metrics = MetricRecord({NUM_EXAMPLES: len(examples), TASK_KEY: cfg.task_list.index(task), **scores})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)

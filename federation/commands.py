@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
 
 def federate(
     tasks: str = typer.Option(
-        "sst2", help="GLUE task, or comma-separated tasks (one per client, round robin)."
+        "sst2",
+        help="A GLUE task (sst2, rte, ...) or a data-to-text task (e2e, webnlg, dart), or "
+        "comma-separated tasks of one family (one per client, round robin).",
     ),
     clients: int = typer.Option(4, min=1, help="Clients (SuperNodes)."),
     rounds: int = typer.Option(3, min=1, help="Federated rounds."),
@@ -29,13 +31,17 @@ def federate(
     dp: str = typer.Option(
         "none", help="none, server-fixed, server-adaptive, client-fixed, client-adaptive."
     ),
-    partitioner: str = typer.Option("iid", help="iid or dirichlet."),
+    partitioner: str = typer.Option("iid", help="iid or dirichlet (GLUE only: it skews labels)."),
     alpha: float = typer.Option(
         0.5, help="Dirichlet concentration (with --partitioner dirichlet)."
     ),
-    backbone: str = typer.Option("minilm-l6", help="Backbone alias or local model folder."),
+    backbone: str = typer.Option(
+        "auto",
+        help="Backbone alias or local model folder; auto: minilm-l6 for GLUE tasks, smollm2-135m "
+        "(a causal LM) for data-to-text tasks.",
+    ),
     data_dir: Optional[Path] = typer.Option(
-        None, help="Data root holding glue/<task>/ (default $ADAMIX_DATA_DIR)."
+        None, help="Data root holding glue/<task>/ and <data-to-text task>/ (default $ADAMIX_DATA_DIR)."
     ),
     output_dir: Path = typer.Option(Path("outputs/federation"), help="Run folder to write."),
     publish: bool = typer.Option(True, help="Publish the merged global adapter into the registry."),
@@ -60,6 +66,11 @@ def federate(
         adamix-zoo federate --tasks sst2 --clients 4 --rounds 3 --partitioner dirichlet --alpha 0.5
 
         adamix-zoo federate --tasks sst2,rte --clients 4 --run-config "train-limit=2000"
+
+        adamix-zoo federate --tasks e2e --clients 4 --run-config "train-limit=4000 eval-limit=200"
+
+    Data-to-text runs train AdaMix-LoRA (rank 4, alpha 32, as the data-to-text recipe) on SmolLM2;
+    the published entry has no head and serves with `adamix-zoo serve --lm`.
     """
     import json
 
@@ -73,7 +84,7 @@ def federate(
     data = data_dir or os.environ.get("ADAMIX_DATA_DIR")
     if not data:
         raise typer.BadParameter(
-            "set --data-dir or $ADAMIX_DATA_DIR (the folder holding glue/<task>/)"
+            "set --data-dir or $ADAMIX_DATA_DIR (the folder holding glue/<task>/ or <task>/)"
         )
     overrides = {
         "tasks": tasks,

@@ -4,6 +4,11 @@ Every field is a run-config key with dashes instead of underscores (``num_rounds
 ``num-rounds``); ``flwr run . --run-config "num-rounds=5 tasks='sst2,rte'"`` overrides them.
 Flower's run config holds scalars only, so lists (``tasks``) are comma-separated strings. The AdaMix
 settings are one ``AdaMixConfig`` (``adamix``), flattened into the run-config keys of ``ADAMIX_KEYS``.
+
+A run federates one task family, GLUE classification or data-to-text generation (``FAMILIES``); the
+backbone and the mixture default to the family's. Flower passes every key of pyproject's table, so
+there the values of ``FAMILY_DEFAULT_VALUES`` (``backbone = "auto"``, ``rank = 0``, ``lora-alpha = 0``)
+stand for "the family's default".
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from adamix_zoo.config import AdaMixConfig
-from adamix_zoo.glue_tasks import get_task
+from adamix_zoo.generation.nlg_tasks import NLG_TASKS
+from adamix_zoo.generation.objective import generation_adamix
+from adamix_zoo.glue_tasks import TASKS as GLUE_TASKS, get_task
 
 # FedAvg-family aggregation, robust aggregation, and server-side optimizers (FedOpt: Reddi et al.).
 STRATEGIES = (
@@ -34,6 +41,48 @@ def federation_adamix() -> AdaMixConfig:
     return AdaMixConfig(consistency_weight=1.0)
 
 
+def generation_federation_adamix() -> AdaMixConfig:
+    """The data-to-text recipe's mixture (rank 4, alpha 32, task loss on the first pass), its lm
+    consistency weight spelled out: Flower's run config holds no None."""
+    mixture = generation_adamix()
+    return dataclasses.replace(mixture, consistency_weight=mixture.consistency_weight_for("lm"))
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """A task family's defaults: its backbone, its mixture, whether its tasks have a head."""
+
+    backbone: str
+    mixture: Callable[[], AdaMixConfig]
+    has_head: bool
+
+
+FAMILIES = {
+    "glue": FamilyDefaults("minilm-l6", federation_adamix, has_head=True),
+    "generation": FamilyDefaults("smollm2-135m", generation_federation_adamix, has_head=False),
+}
+# Run-config values that mean "the task family's default" (what pyproject's table holds).
+FAMILY_DEFAULT_VALUES = {"backbone": "auto", "rank": 0, "lora-alpha": 0.0}
+
+
+def task_family(task: str) -> str:
+    """``"glue"`` or ``"generation"``: the family of a task name.
+
+    Raises:
+        ValueError: an unknown task; the message lists the known ones of both families.
+    """
+    if task in NLG_TASKS:
+        return "generation"
+    try:
+        get_task(task)
+    except ValueError:
+        raise ValueError(
+            f"unknown task {task!r}; GLUE tasks: {', '.join(GLUE_TASKS)}; "
+            f"data-to-text tasks: {', '.join(NLG_TASKS)}"
+        ) from None
+    return "glue"
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
@@ -46,11 +95,14 @@ class FederationConfig:
     tasks: str = field(
         default="sst2",
         metadata={
-            "help": "GLUE task, or comma-separated tasks (multi-task: client i holds tasks[i % T])."
+            "help": "GLUE or data-to-text (e2e, webnlg, dart) task, or comma-separated tasks of one "
+            "family (multi-task: client i holds tasks[i % T])."
         },
     )
     backbone: str = field(
-        default="minilm-l6", metadata={"help": "Backbone alias or local model folder."}
+        default="auto",
+        metadata={"help": "Backbone alias or local model folder; 'auto': the task family's "
+                  "(GLUE: minilm-l6, data-to-text: smollm2-135m, a causal LM)."},
     )
     num_clients: int = field(
         default=4, metadata={"help": "Clients (SuperNodes / partitions) in the federation."}
@@ -71,17 +123,26 @@ class FederationConfig:
         default=0.5, metadata={"help": "Dirichlet concentration (smaller = more skewed)."}
     )
     train_limit: int = field(
-        default=0, metadata={"help": "Use the first N training rows of each task (0 = all)."}
+        default=0,
+        metadata={"help": "Use N training rows of each task (data-to-text: the first N (source, "
+                  "reference) pairs) (0 = all)."},
     )
     eval_limit: int = field(
-        default=0, metadata={"help": "Use the first N validation rows of each task (0 = all)."}
+        default=0,
+        metadata={"help": "Use N validation rows of each task (data-to-text: the first N distinct "
+                  "sources) (0 = all)."},
+    )
+    max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Data-to-text: tokens generated per source in the final evaluation."},
     )
     seed: int = field(
         default=0, metadata={"help": "Seed of partitions, initial experts, heads and routing."}
     )
-    adamix: AdaMixConfig = field(
-        default_factory=federation_adamix,
-        metadata={"help": "The mixture; run-config keys " + ", ".join(ADAMIX_KEYS) + "."},
+    adamix: AdaMixConfig | None = field(
+        default=None,
+        metadata={"help": "The mixture (None: the task family's); run-config keys "
+                  + ", ".join(ADAMIX_KEYS) + " change the family's."},
     )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
@@ -117,7 +178,9 @@ class FederationConfig:
         metadata={"help": "Run folder (relative paths: the SuperLink's working directory)."},
     )
     data_dir: str = field(
-        default="", metadata={"help": "Data root with glue/<task>/*.jsonl ('' = $ADAMIX_DATA_DIR)."}
+        default="",
+        metadata={"help": "Data root with glue/<task>/*.jsonl and <data-to-text task>/*.jsonl "
+                  "('' = $ADAMIX_DATA_DIR)."},
     )
     publish: bool = field(
         default=True, metadata={"help": "Publish the merged global adapter into the registry."}
@@ -135,9 +198,9 @@ class FederationConfig:
         _choice("dp", self.dp, DP_MODES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("federate-head", str(self.federate_head).lower(), HEAD_MODES)
-        if not self.task_list:
-            raise ValueError("tasks must name at least one task")
-        for name in ("num_clients", "min_clients", "num_rounds", "local_steps", "batch_size"):
+        self._check_family()
+        for name in ("num_clients", "min_clients", "num_rounds", "local_steps", "batch_size",
+                     "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -150,8 +213,30 @@ class FederationConfig:
             raise ValueError(
                 f"{len(self.task_list)} tasks need at least as many clients, got {self.num_clients}"
             )
-        for task in self.task_list:
-            get_task(task)  # raises naming the known tasks
+
+    def _check_family(self) -> None:
+        """One task family per run; fill in its backbone and mixture where left to it."""
+        if not self.task_list:
+            raise ValueError("tasks must name at least one task")
+        families = {t: task_family(t) for t in self.task_list}  # raises naming the known tasks
+        if len(set(families.values())) > 1:
+            glue = [t for t, f in families.items() if f == "glue"]
+            nlg = [t for t, f in families.items() if f == "generation"]
+            raise ValueError(
+                f"tasks mix GLUE ({', '.join(glue)}) and data-to-text ({', '.join(nlg)}) tasks: "
+                "a run federates one task family (they need different backbones)"
+            )
+        defaults = FAMILIES[self.family]
+        if self.backbone == FAMILY_DEFAULT_VALUES["backbone"]:
+            self.backbone = defaults.backbone
+        if self.adamix is None:
+            self.adamix = defaults.mixture()
+        if not defaults.has_head and str(self.federate_head).lower() == "true":
+            raise ValueError("federate-head=true: data-to-text tasks have no head (the LM answers)")
+        if self.family == "generation" and self.partitioner != "iid":
+            raise ValueError(
+                f"partitioner={self.partitioner!r} needs class labels; data-to-text clients use 'iid'"
+            )
 
     # -- derived views ---------------------------------------------------------------------------
     @property
@@ -163,10 +248,22 @@ class FederationConfig:
         return len(self.task_list) > 1
 
     @property
+    def family(self) -> str:
+        """The run's task family: ``"glue"`` or ``"generation"`` (a key of ``FAMILIES``)."""
+        return task_family(self.task_list[0])
+
+    @property
     def head_federated(self) -> bool:
         """Single-task runs federate the head too (else the global model has no usable head)."""
+        if not FAMILIES[self.family].has_head:
+            return False
         mode = str(self.federate_head).lower()
         return not self.multi_task if mode == "auto" else mode == "true"
+
+    @property
+    def local_head(self) -> bool:
+        """Each client keeps a head of its own (a family with heads that are not federated)."""
+        return FAMILIES[self.family].has_head and not self.head_federated
 
     def client_task(self, partition_id: int) -> tuple[str, int, int]:
         """(task, partition of that task, partitions of that task) of client ``partition_id``."""
@@ -218,16 +315,27 @@ class FederationConfig:
             key = f.name.replace("_", "-")
             if key in run_config and f.name != "adamix":
                 values[f.name] = _coerce(key, run_config[key], f.default)
-        mixture, default = {}, federation_adamix()
+        mixture, types = {}, federation_adamix()  # the types of the keys (all set there)
         for key, name in ADAMIX_KEYS.items():
             if key in run_config:
-                mixture[name] = _coerce(key, run_config[key], getattr(default, name))
-        return cls(**values, adamix=dataclasses.replace(default, **mixture))
+                mixture[name] = _coerce(key, run_config[key], getattr(types, name))
+        values = {k: v for k, v in values.items() if FAMILY_DEFAULT_VALUES.get(k.replace("_", "-")) != v}
+        mixture = {n: v for n, v in mixture.items() if FAMILY_DEFAULT_VALUES.get(_key(n)) != v}
+        tasks = [t.strip() for t in str(values.get("tasks", cls.tasks)).split(",") if t.strip()]
+        if not tasks:
+            return cls(**values)  # raises: no task
+        base = FAMILIES[task_family(tasks[0])].mixture()
+        return cls(**values, adamix=dataclasses.replace(base, **mixture))
 
     def to_run_config(self) -> dict[str, Any]:
         flat = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
         mixture = {key: getattr(self.adamix, name) for key, name in ADAMIX_KEYS.items()}
         return {k: v for k, v in flat.items() if k != "adamix"} | mixture
+
+
+def _key(name: str) -> str:
+    """The run-config key of an AdaMixConfig field."""
+    return next(k for k, n in ADAMIX_KEYS.items() if n == name)
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

@@ -3,7 +3,8 @@
 The server builds the same model as the clients (same backbone, same AdaMix seed) only to own the
 initial experts, to know what a valid update looks like (names, shapes, dtypes), and to evaluate
 and save the final global adapter. Rounds run through Flower's ``Strategy.start`` with the
-configured strategy behind ``ValidatingStrategy``.
+configured strategy behind ``ValidatingStrategy``. The model, its evaluation and its run folder come
+from the run's task family (``federation.task.family_of``).
 """
 
 from __future__ import annotations
@@ -19,27 +20,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from adamix_zoo.glue_tasks import get_task
 from federation.client_app import HEAD_DIR
 from federation.config import FederationConfig
-from federation.output import (
-    CLIENT_HEADS_DIR,
-    TASKS_DIR,
-    attach_head,
-    client_head,
-    publish,
-    write_run,
-)
-from federation.records import Spec, check_record, from_record, record_bytes, spec_of, to_record
+from federation.output import CLIENT_HEADS_DIR, TASKS_DIR, publish, write_run
+from federation.records import HEAD_PREFIX, Spec, check_record, from_record, record_bytes, spec_of, to_record
 from federation.strategies import ValidatingStrategy, build_strategy
-from federation.task import (
-    build_model,
-    encoded,
-    evaluate_examples,
-    load_shared_state,
-    load_split,
-    shared_state,
-)
+from federation.task import GlobalEvaluation, TaskFamily, family_of
 
 app = ServerApp()
 RESULT_FILE = "federation_result.json"
@@ -100,8 +86,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
         FederationError: not enough clients, or no valid aggregate to save.
     """
     out = cfg.output_path()
-    model = build_model(cfg, cfg.task_list[0])
-    initial = shared_state(model, cfg.head_federated)
+    family = family_of(cfg)
+    model = family.build_model(cfg, cfg.task_list[0])
+    initial = family.shared_state(model, cfg.head_federated)
     spec = spec_of(initial)
     strategy = build_strategy(cfg, spec)
     wait_for_clients(grid, cfg.num_clients, cfg.round_timeout)
@@ -120,7 +107,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
     }
     global_state = from_record(arrays)
     finish = _finish_multi if cfg.multi_task else _finish_single
-    outcome = finish(cfg, model, global_state, out, report)
+    outcome = finish(cfg, family, model, global_state, out, report)
     write_result(outcome)
     return outcome
 
@@ -136,52 +123,45 @@ def write_result(outcome: Outcome) -> Path:
     return path
 
 
-def _server_metrics(
-    cfg: FederationConfig, model, task: str, report: dict[str, Any]
-) -> dict[str, Any]:
-    """The global model's metrics on the task's (whole) validation split, plus the round log."""
-    spec = get_task(task)
-    scores = evaluate_examples(cfg, spec, model, encoded(cfg, spec, load_split(cfg, spec, "validation")))
-    log(INFO, "global model on %s validation: %s", task, scores)
-    return {"main_metric": spec.main_metric, **scores, "federation": report}
+def _evaluate(cfg: FederationConfig, family: TaskFamily, model, task: str) -> GlobalEvaluation:
+    """The global model's final evaluation on the task's validation rows (logged)."""
+    evaluation = family.evaluate_global(cfg, model, task)
+    log(INFO, "global model on %s validation: %s", task, evaluation.metrics)
+    return evaluation
 
 
 def _finish_single(
-    cfg: FederationConfig, model, state, out: Path, report: dict[str, Any]
+    cfg: FederationConfig, family: TaskFamily, model, state, out: Path, report: dict[str, Any]
 ) -> Outcome:
-    load_shared_state(model, state)
+    family.load_shared_state(model, state)
     task = cfg.task_list[0]
-    metrics = _server_metrics(cfg, model, task, report)
-    write_run(out, cfg, get_task(task), model, metrics)
+    evaluation = _evaluate(cfg, family, model, task)
+    metrics = evaluation.metrics | {"federation": report}
+    write_run(out, cfg, family, task, model, metrics, evaluation)
     ref = publish(out, cfg, task)
     return Outcome(out, metrics, [ref] if ref else [], {task: out})
 
 
 def _finish_multi(
-    cfg: FederationConfig, shared_model, state, out: Path, report: dict[str, Any]
+    cfg: FederationConfig, family: TaskFamily, shared_model, state, out: Path, report: dict[str, Any]
 ) -> Outcome:
-    """Shared experts at the top; a run folder per task whose client head is on this machine."""
-    experts = {k: v for k, v in state.items() if not k.startswith("head.")}
-    shared_model.backbone.load_adapter_state_dict(experts)
+    """Shared experts at the top; a run folder per task the family can build here (GLUE: a task
+    whose client head is on this machine)."""
+    experts = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    family.adamix_model(shared_model).load_adapter_state_dict(experts)
     outcome = Outcome(out, {"main_metric": None, "federation": report})
     for task in cfg.task_list:
-        head = client_head(out, task)
-        if head is None:
-            log(
-                INFO,
-                "no local head for %s (its clients keep it): only the shared experts are saved",
-                task,
-            )
+        model = family.task_model(cfg, task, experts, out)
+        if model is None:
+            log(INFO, "no local head for %s (its clients keep it): only the shared experts are saved", task)
             continue
-        model = build_model(cfg, task)
-        model.backbone.load_adapter_state_dict(experts)
-        attach_head(model, head)
-        metrics = _server_metrics(cfg, model, task, report)
-        outcome.metrics[task] = {k: v for k, v in metrics.items() if k != "federation"}
+        evaluation = _evaluate(cfg, family, model, task)
+        outcome.metrics[task] = evaluation.metrics
         outcome.task_folders[task] = write_run(
-            out / TASKS_DIR / task, cfg, get_task(task), model, metrics
+            out / TASKS_DIR / task, cfg, family, task, model, evaluation.metrics | {"federation": report},
+            evaluation,
         )
-    write_run(out, cfg, None, shared_model, outcome.metrics)
+    write_run(out, cfg, family, None, shared_model, outcome.metrics)
     for task, folder in outcome.task_folders.items():
         ref = publish(folder, cfg, task)
         outcome.published += [ref] if ref else []

@@ -1,114 +1,66 @@
-"""The client's work: the AdaMix task model, its data partition, local training and evaluation.
+"""The client's work behind one interface: a task family builds the model, reads and partitions the
+data, trains a round of local steps and evaluates.
 
-The model follows the project's GLUE convention: AdaMix injected into the bare ``AutoModel``
-backbone (frozen), a ``ClassificationHead`` outside it, both in a ``TaskModel``. Data are the
-hub-schema jsonl files under ``<data-dir>/glue/<task>/``, partitioned with ``flwr-datasets``
-partitioners on a local ``datasets.Dataset`` (nothing is downloaded).
+``client_app`` and ``server_app`` get the run's family from ``family_of(cfg)`` and use only
+``TaskFamily``. What every family shares is here: the backbone loaded once per process, the
+partitions (``flwr-datasets`` partitioners on a local ``datasets.Dataset``, nothing downloaded), the
+shuffled batches, the round of ``local-steps`` in the project's loop (``adamix_zoo.loop``) and the
+tensors that travel. Each family's module fills in the rest: ``federation.glue_client`` (AdaMix on a
+bare encoder plus a classification head) and ``federation.generation_client`` (AdaMix on a causal LM,
+the data-to-text recipe's objective).
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
 import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
-from adamix_zoo import data
 from adamix_zoo.backbones import resolve_backbone
-from adamix_zoo.evaluation import evaluate_model
-from adamix_zoo.glue_tasks import TaskSpec, get_task
-from adamix_zoo.heads import TaskModel
-from adamix_zoo.loop import train_steps
+from adamix_zoo.loop import LossFn, train_steps
+from adamix_zoo.model import AdaMixModel
 from adamix_zoo.optim import make_optimizer
 from adamix_zoo.runtime import select_device
-from adamix_zoo.task_model import build_task_model
 from federation.config import FederationConfig
 from federation.records import HEAD_PREFIX
 
 if TYPE_CHECKING:
     import datasets
 
+Batch = dict[str, torch.Tensor]
 
-# -- model --------------------------------------------------------------------------------------
+
+# -- what every family loads once per process ----------------------------------------------------
 @lru_cache(maxsize=2)
-def pretrained_backbone(backbone: str) -> torch.nn.Module:
-    """The backbone as loaded from disk, once per process (a simulated client's process serves
-    every round); each model gets its own copy, so AdaMix injection never touches this one."""
-    from transformers import AutoModel
+def pretrained_backbone(backbone: str, causal_lm: bool = False) -> nn.Module:
+    """The backbone as loaded from disk (bare, or a causal LM with its head), once per process (a
+    simulated client's process serves every round); each model gets its own copy, so AdaMix
+    injection never touches this one."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    return AutoModel.from_pretrained(resolve_backbone(backbone))
-
-
-def build_model(cfg: FederationConfig, task: str, head_seed: int | None = None) -> TaskModel:
-    """Frozen backbone + AdaMix (seeded by ``cfg.seed``, identical everywhere) + a fresh head.
-
-    Args:
-        head_seed: seed of the head's initialisation (defaults to ``cfg.seed``; multi-task clients
-            pass their own, since their heads never meet).
-    """
-    backbone = copy.deepcopy(pretrained_backbone(cfg.backbone))
-    torch.manual_seed(cfg.seed)
-    model = build_task_model(backbone, get_task(task), cfg.adamix_config(), cfg.pooling)
-    if head_seed is not None:  # re-draw the head alone; the experts keep the shared seed
-        torch.manual_seed(head_seed)
-        model.head.classifier.reset_parameters()
-    return model.to(select_device())
+    path = resolve_backbone(backbone)
+    if causal_lm:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModel.from_pretrained(path)
 
 
-def experts_of(model: TaskModel) -> dict[str, torch.Tensor]:
-    return model.backbone.adapter_state_dict()
+@lru_cache(maxsize=4)
+def tokenizer_for(backbone: str):
+    """The backbone's tokenizer; a decoder without a pad token pads with eos (the labels mask it)."""
+    from transformers import AutoTokenizer
 
-
-def head_of(model: TaskModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.head.state_dict().items()}
-
-
-def shared_state(model: TaskModel, with_head: bool) -> dict[str, torch.Tensor]:
-    """The tensors a round moves: the experts, plus ``head.*`` when the head is federated."""
-    state = dict(experts_of(model))
-    if with_head:
-        state |= {HEAD_PREFIX + k: v for k, v in head_of(model).items()}
-    return state
-
-
-def load_shared_state(model: TaskModel, state: dict[str, torch.Tensor]) -> None:
-    """Load received experts (and ``head.*`` tensors, if present).
-
-    Raises:
-        ValueError: names or shapes that do not fit this model.
-    """
-    experts = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
-    head = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    model.backbone.load_adapter_state_dict(experts)
-    if head:
-        load_head_state(model, head)
-
-
-def load_head_state(model: TaskModel, head: dict[str, torch.Tensor]) -> None:
-    try:
-        model.head.load_state_dict(head)
-    except RuntimeError as err:
-        raise ValueError(f"head tensors do not fit the task head: {err}") from err
-
-
-# -- data ---------------------------------------------------------------------------------------
-_ENCODED: dict[tuple, list[dict[str, Any]]] = {}  # per process: a client's partition, encoded once
-
-
-def load_split(cfg: FederationConfig, spec: TaskSpec, split: str) -> "datasets.Dataset":
-    """One validated split of a GLUE task from the local data folder, subsampled by ``*-limit``.
-
-    Raises:
-        FileNotFoundError: the task has no such split in the data folder.
-        ValueError: the split is empty or malformed.
-    """
-    dataset = data.load_split(spec, split, cfg.data_root() / "glue")
-    data.validate_split(dataset, spec, split)
-    limit = cfg.train_limit if split == "train" else cfg.eval_limit
-    return data.subset(dataset, limit, cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(backbone))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def partition(
@@ -117,7 +69,7 @@ def partition(
     """Partition ``index`` of ``count``: flwr-datasets' IID or Dirichlet (label-skewed) partitioner.
 
     Raises:
-        ValueError: a partition index out of range, or Dirichlet on a regression task.
+        ValueError: a partition index out of range, or Dirichlet on rows without class labels.
     """
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -128,7 +80,8 @@ def partition(
     if cfg.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions=count)
     else:
-        if dataset.features["label"].dtype.startswith("float"):
+        label = dataset.features.get("label")
+        if label is None or label.dtype.startswith("float"):
             raise ValueError(
                 "Dirichlet partitions need class labels; use partitioner='iid' for regression"
             )
@@ -145,90 +98,192 @@ def partition(
     return partitioner.load_partition(index)
 
 
-@lru_cache(maxsize=4)
-def tokenizer_for(backbone: str):
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a run folder says about its task (``run_config.json``; generation: ``merged/adamix.json``)."""
 
-    return AutoTokenizer.from_pretrained(resolve_backbone(backbone))
-
-
-def encoded(
-    cfg: FederationConfig, spec: TaskSpec, rows: "datasets.Dataset"
-) -> list[dict[str, Any]]:
-    """Token ids (unpadded) and ``labels``, one dict per example."""
-    return data.encode(rows, spec, tokenizer_for(cfg.backbone), cfg.max_length).features
+    problem: str | None  # classification, regression, lm; None: a multi-task run's shared experts
+    label_names: list[str] | None
+    prompt_template: str | None = None  # generation tasks: how the served prompt is built
 
 
-def client_data(
-    cfg: FederationConfig, partition_id: int, split: str
-) -> tuple[TaskSpec, list[dict[str, Any]]]:
-    """Client ``partition_id``'s task and its encoded ``split`` partition (cached per process)."""
-    task, index, count = cfg.client_task(partition_id)
-    spec = get_task(task)
-    key = (tuple(sorted(cfg.to_run_config().items())), partition_id, split)
-    if key not in _ENCODED:
-        _ENCODED[key] = encoded(
-            cfg, spec, partition(cfg, load_split(cfg, spec, split), index, count)
-        )
-    return spec, _ENCODED[key]
+@dataclass
+class GlobalEvaluation:
+    """The server's final evaluation of the global model on one task."""
+
+    metrics: dict[str, Any]  # "main_metric" and every score
+    examples: list[Any] | None = None  # generation: the scored sources and their references
+    outputs: list[str] | None = None  # generation: what the model wrote for each
 
 
-def collate(
-    cfg: FederationConfig, spec: TaskSpec, examples: list[dict[str, Any]]
-) -> dict[str, torch.Tensor]:
-    pad = tokenizer_for(cfg.backbone).pad_token_id or 0
-    batch = data.Collator(pad, spec.problem == "regression")(examples)
-    return {k: v.to(select_device()) for k, v in batch.items()}
+_ENCODED: dict[tuple, list[dict[str, Any]]] = {}  # per process: a client's partition, encoded once
 
 
-def batches(
-    cfg: FederationConfig, spec: TaskSpec, examples: list[dict[str, Any]], seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches (a new permutation per pass over the partition)."""
-    if not examples:
-        raise ValueError(f"{spec.name}: this client's partition is empty")
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(examples))
-        for start in range(0, len(order), cfg.batch_size):
-            yield collate(cfg, spec, [examples[i] for i in order[start : start + cfg.batch_size]])
+class TaskFamily(ABC):
+    """One family of tasks (GLUE classification, data-to-text generation) in the federation."""
+
+    name: ClassVar[str]
+    weight_decay: ClassVar[float] = 0.01  # the clients' AdamW
+
+    # -- model ------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self, cfg: FederationConfig, task: str, head_seed: int | None = None) -> nn.Module:
+        """Frozen backbone + AdaMix (seeded by ``cfg.seed``, identical everywhere) (+ a fresh head,
+        drawn from ``head_seed`` when given: multi-task clients' heads never meet)."""
+
+    @abstractmethod
+    def adamix_model(self, model: nn.Module) -> AdaMixModel:
+        """The ``AdaMixModel`` inside a model of this family: where the experts live."""
+
+    def head(self, model: nn.Module) -> nn.Module | None:
+        """The task head saved with a run folder; None: the family has none."""
+        return None
+
+    def head_of(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        head = self.head(model)
+        return {} if head is None else {k: v.detach() for k, v in head.state_dict().items()}
+
+    def load_head_state(self, model: nn.Module, head: dict[str, torch.Tensor]) -> None:
+        """Raises ValueError: head tensors that do not fit the task head (or a family without one)."""
+        if self.head(model) is None:
+            raise ValueError(f"{self.name} models have no head, got {len(head)} head tensors")
+        try:
+            self.head(model).load_state_dict(head)
+        except RuntimeError as err:
+            raise ValueError(f"head tensors do not fit the task head: {err}") from err
+
+    def shared_state(self, model: nn.Module, with_head: bool) -> dict[str, torch.Tensor]:
+        """The tensors a round moves: the experts, plus ``head.*`` when the head is federated."""
+        state = dict(self.adamix_model(model).adapter_state_dict())
+        if with_head:
+            state |= {HEAD_PREFIX + k: v for k, v in self.head_of(model).items()}
+        return state
+
+    def load_shared_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load received experts (and ``head.*`` tensors, if present).
+
+        Raises:
+            ValueError: names or shapes that do not fit this model.
+        """
+        experts = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+        head = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+        self.adamix_model(model).load_adapter_state_dict(experts)
+        if head:
+            self.load_head_state(model, head)
+
+    def save_client_head(self, model: nn.Module, path: str) -> None:
+        """Save a client's own (not federated) head where the server collects it."""
+        raise ValueError(f"{self.name} models have no head to save")
+
+    # -- data -------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_rows(self, cfg: FederationConfig, task: str, split: str) -> "datasets.Dataset":
+        """The rows of ``split`` that the task's clients partition among them (``*-limit`` applied).
+
+        Raises:
+            FileNotFoundError or ValueError: no such split in the data folder, or a malformed one.
+        """
+
+    @abstractmethod
+    def encode(self, cfg: FederationConfig, task: str, rows: "datasets.Dataset") -> list[dict[str, Any]]:
+        """Token ids (unpadded) and ``labels``, one dict per example."""
+
+    @abstractmethod
+    def collate(self, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> Batch:
+        """A padded batch on the device."""
+
+    def client_data(self, cfg: FederationConfig, partition_id: int, split: str) -> tuple[str, list[dict[str, Any]]]:
+        """Client ``partition_id``'s task and its encoded ``split`` partition (cached per process)."""
+        task, index, count = cfg.client_task(partition_id)
+        key = (tuple(sorted(cfg.to_run_config().items())), partition_id, split)
+        if key not in _ENCODED:
+            rows = partition(cfg, self.load_rows(cfg, task, split), index, count)
+            _ENCODED[key] = self.encode(cfg, task, rows)
+        return task, _ENCODED[key]
+
+    def batches(
+        self, cfg: FederationConfig, task: str, examples: list[dict[str, Any]], seed: int
+    ) -> Iterator[Batch]:
+        """Endless shuffled batches (a new permutation per pass over the partition)."""
+        if not examples:
+            raise ValueError(f"{task}: this client's partition is empty")
+        rng = np.random.default_rng(seed)
+        while True:
+            order = rng.permutation(len(examples))
+            for start in range(0, len(order), cfg.batch_size):
+                yield self.collate(cfg, task, [examples[i] for i in order[start : start + cfg.batch_size]])
+
+    # -- training and evaluation -------------------------------------------------------------------
+    @abstractmethod
+    def loss_fn(self, model: nn.Module, task: str) -> LossFn:
+        """The training loss (task loss + the mixture's consistency term), a hook of the loop."""
+
+    def train_round(
+        self, model: nn.Module, cfg: FederationConfig, task: str, examples: list[dict[str, Any]], seed: int
+    ) -> dict[str, float]:
+        """One client's local work: ``local-steps`` steps of ``adamix_zoo.loop.train_steps``.
+
+        Routing, dropout and batch order are seeded by ``seed`` (distinct per client and round); a
+        fresh AdamW per round, as usual in FL.
+
+        Returns:
+            ``train-loss``, ``train-consistency`` and ``train-seconds`` (the training loop alone).
+        """
+        self.adamix_model(model).seed_routing(seed)
+        torch.manual_seed(seed)  # dropout
+        data = self.batches(cfg, task, examples, seed)
+        optimizer = make_optimizer(model, cfg.learning_rate, weight_decay=self.weight_decay)
+        start = time.perf_counter()
+        stats = train_steps(model, data, None, cfg.local_steps, optimizer, device=select_device(),
+                            loss_fn=self.loss_fn(model, task))
+        seconds = time.perf_counter() - start
+        model.eval()
+        return {
+            "train-loss": stats["loss"],
+            "train-consistency": stats["consistency"],
+            "train-seconds": seconds,
+        }
+
+    @abstractmethod
+    def evaluate(
+        self, cfg: FederationConfig, task: str, model: nn.Module, examples: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        """A client's evaluation of the (merged-routing) model on its partition: ``eval-loss`` and
+        whatever else is cheap.
+
+        Raises:
+            ValueError: nothing to evaluate on.
+        """
+
+    @abstractmethod
+    def evaluate_global(self, cfg: FederationConfig, model: nn.Module, task: str) -> GlobalEvaluation:
+        """The server's final evaluation of the global model on the task's validation rows."""
+
+    # -- output -----------------------------------------------------------------------------------
+    @abstractmethod
+    def describe(self, cfg: FederationConfig, task: str | None) -> TaskInfo:
+        """The task's problem, labels and prompt; ``task`` None: a multi-task run's shared experts."""
+
+    @abstractmethod
+    def data_source(self, cfg: FederationConfig) -> Path:
+        """The folder the family's tasks are read from (recorded in run_config.json)."""
+
+    @abstractmethod
+    def task_model(
+        self, cfg: FederationConfig, task: str, experts: dict[str, torch.Tensor], out: Path
+    ) -> nn.Module | None:
+        """Multi-task runs: the global experts as a model of ``task`` on this machine (with the head
+        a local client saved under ``out``, where the family has heads), or None when there is none."""
 
 
-# -- training and evaluation --------------------------------------------------------------------
-def train_round(
-    model: TaskModel, cfg: FederationConfig, spec: TaskSpec, data: Iterator[dict[str, torch.Tensor]]
-) -> dict[str, float]:
-    """One client's local work: ``local-steps`` steps of the project's training step.
-
-    ``adamix_zoo.loop.train_steps`` routes stochastically and adds the consistency loss (the
-    weight comes from the model's AdaMix config); a fresh AdamW per round, as usual in FL.
-
-    Returns:
-        ``train-loss``, ``train-consistency`` and ``train-seconds`` (the training loop alone).
-    """
-    optimizer = make_optimizer(model, cfg.learning_rate)
-    start = time.perf_counter()
-    stats = train_steps(model, data, spec, cfg.local_steps, optimizer, device=select_device())
-    seconds = time.perf_counter() - start
-    model.eval()
-    return {
-        "train-loss": stats["loss"],
-        "train-consistency": stats["consistency"],
-        "train-seconds": seconds,
-    }
+# family -> (module, attribute) of its implementation; imported on first use
+FAMILY_IMPLEMENTATIONS = {
+    "glue": ("federation.glue_client", "GLUE"),
+    "generation": ("federation.generation_client", "GENERATION"),
+}
 
 
-def evaluate_examples(
-    cfg: FederationConfig, spec: TaskSpec, model: TaskModel, examples: list[dict[str, Any]]
-) -> dict[str, float]:
-    """``eval-loss`` and every metric of the task for the (merged-routing) model on ``examples``.
-
-    Raises:
-        ValueError: nothing to evaluate on.
-    """
-    if not examples:
-        raise ValueError(f"{spec.name}: nothing to evaluate on")
-    size = max(cfg.batch_size, 32)
-    loader = (collate(cfg, spec, examples[s : s + size]) for s in range(0, len(examples), size))
-    scores = evaluate_model(model, loader, spec, select_device())
-    return {"eval-loss": scores.pop("loss"), **{k: float(v) for k, v in scores.items()}}
+def family_of(cfg: FederationConfig) -> TaskFamily:
+    """The implementation of the run's task family (``cfg.family``)."""
+    module, name = FAMILY_IMPLEMENTATIONS[cfg.family]
+    return getattr(importlib.import_module(module), name)

@@ -190,11 +190,11 @@ def test_differential_privacy_wrappers_run_end_to_end(tiny_env, dp):
 def test_models_are_built_from_one_cached_backbone_without_touching_it(tiny_env):
     """Each client message builds its model from a per-process copy of the backbone: loaded once,
     never modified by AdaMix injection or training, and equal to a fresh load."""
-    from federation.task import build_model, pretrained_backbone
+    from federation.task import family_of, pretrained_backbone
 
     cfg = FederationConfig.from_run_config(tiny_run_config(tiny_env))
     pretrained_backbone.cache_clear()
-    first, second = build_model(cfg, "sst2"), build_model(cfg, "sst2")
+    first, second = family_of(cfg).build_model(cfg, "sst2"), family_of(cfg).build_model(cfg, "sst2")
     assert pretrained_backbone.cache_info().misses == 1
     cached = pretrained_backbone(cfg.backbone)
     assert not any("adamix" in name for name, _ in cached.named_parameters())

@@ -5,8 +5,10 @@ Layout::
     run_config.json        task, method, backbone(+path, fingerprint), problem, label_names, adamix,
                            train, seed, data (+ world_size, prompt_template or federation)
     metrics.jsonl          one record per evaluation or logged step
+    generations.jsonl      data-to-text: every scored output with its source and references
     final_metrics.json     {"main_metric": name, "best_step": step, <metric>: value, ...}
-    adamix_experts.safetensors, head.safetensors, merged/ (adapter files + head.safetensors)
+    adamix_experts.safetensors, head.safetensors, merged/ (adapter files + head.safetensors; a
+                           generation adapter has no head and an adamix.json with its prompt template)
     full_model.safetensors instead of the adapter files for full fine-tuning
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -23,8 +25,10 @@ from adamix_zoo.formats.files import (
     EXPERTS_FILE,
     FINAL_METRICS_FILE,
     FULL_MODEL_FILE,
+    GENERATIONS_FILE,
     HEAD_FILE,
     MERGED_DIR,
+    METADATA_FILE,
     METRICS_FILE,
     RUN_CONFIG_FILE,
     read_json,
@@ -101,6 +105,24 @@ class RunFolder:
             save_head(head, self.out / HEAD_FILE)
             save_head(head, merged / HEAD_FILE)
         return merged
+
+    def save_lm_adapter(
+        self, model: AdaMixModel, base_model: str, task: str, base_fingerprint: str, prompt_template: str
+    ) -> Path:
+        """A generation adapter: experts and merged/ (no head), plus merged/adamix.json, what a serving
+        engine needs to attach the merged folder as a generation task."""
+        merged = self.save_adapter(model, base_model)
+        self.write_json(f"{MERGED_DIR}/{METADATA_FILE}", {
+            "task": task, "problem": "lm", "prompt_template": prompt_template,
+            "base_model": {"id": base_model, "fingerprint": base_fingerprint},
+        })
+        return merged
+
+    def write_generations(self, examples: Iterable[Any], outputs: Iterable[str]) -> None:
+        """generations.jsonl: one line per scored input (``examples``: ``source`` and ``references``)."""
+        with open(self.out / GENERATIONS_FILE, "w") as f:
+            for e, o in zip(examples, outputs):
+                f.write(json.dumps({"source": e.source, "output": o, "references": list(e.references)}) + "\n")
 
     def save_full(self, model: nn.Module, head: ClassificationHead) -> None:
         """Full fine-tuning: the whole model's state and the head."""

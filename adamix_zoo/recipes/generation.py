@@ -8,27 +8,25 @@ token-masked LM loss as its hook, AdamW and ``transformers``' linear warmup sche
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adamix_zoo.backbones import fingerprint, resolve_backbone
 from adamix_zoo.config import ADAPTER_METHODS, AdaMixConfig, args_from_options, flat_options, method_config
-from adamix_zoo.formats.files import CURVE_FILE, GENERATIONS_FILE, MERGED_DIR, METADATA_FILE
+from adamix_zoo.formats.files import CURVE_FILE
 from adamix_zoo.formats.run_folder import RunFolder, run_config
 from adamix_zoo.generation.data import collate_lm, encode_pair, grouped_examples, load_split, training_pairs
 from adamix_zoo.generation.generate import generate_examples
 from adamix_zoo.generation.metrics import nlg_metrics
 from adamix_zoo.generation.nlg_tasks import PROMPT_TEMPLATE, get_nlg_task
-from adamix_zoo.generation.objective import lm_loss
+from adamix_zoo.generation.objective import generation_adamix, lm_loss_fn
 from adamix_zoo.loop import train_steps
 from adamix_zoo.model import AdaMixModel
 from adamix_zoo.optim import make_scheduler
@@ -37,11 +35,6 @@ from adamix_zoo.runtime import PRECISIONS, resolve_precision, seed_everything, s
 
 METHODS = ADAPTER_METHODS
 LOG_EVERY = 10  # steps between the records of metrics.jsonl
-
-
-def generation_adamix() -> AdaMixConfig:
-    """The official NLG setup: LoRA rank 4, alpha 32, task loss on the first pass (GPT-2 AdaMix)."""
-    return AdaMixConfig(rank=4, alpha=32.0, task_loss_passes="first")
 
 
 @dataclass
@@ -109,11 +102,6 @@ def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, devic
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.steps, math.ceil(args.warmup_ratio * args.steps), warmup_offset=0)
-    weight, config = model.config.consistency_weight_for("lm"), model.config
-
-    def loss_fn(m: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        return lm_loss(m, batch, weight, config.task_loss_passes, config.second_pass), {}
-
     records: list[dict] = []
 
     def record(step: int, loss: float) -> None:
@@ -124,7 +112,7 @@ def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, devic
     bar = tqdm(total=args.steps, desc=f"{args.method} {args.task}", leave=False)
     train_steps(model, loader, None, args.steps, optimizer, scheduler, max_grad_norm=args.max_grad_norm,
                 device=device, progress=bar, precision=resolve_precision(args.precision, device),
-                loss_fn=loss_fn, on_step=record)
+                loss_fn=lm_loss_fn(model.config), on_step=record)
     bar.close()
     return records
 
@@ -163,14 +151,8 @@ def run_generation(args: GenerationArgs) -> dict:
     final = {"main_metric": "bleu", "best_step": args.steps, **metrics, "train_seconds": train_seconds}
     folder.log({"step": args.steps, "eval": metrics})
 
-    with (folder.out / GENERATIONS_FILE).open("w") as f:
-        for e, o in zip(examples, outputs):
-            f.write(json.dumps({"source": e.source, "output": o, "references": list(e.references)}) + "\n")
-    folder.save_adapter(model, args.backbone)
-    # What a serving engine needs to attach the merged folder as a generation task (no head).
-    base_model = {"id": args.backbone, "fingerprint": base_fingerprint}
-    folder.write_json(f"{MERGED_DIR}/{METADATA_FILE}", {"task": args.task, "problem": "lm",
-                                                        "prompt_template": PROMPT_TEMPLATE, "base_model": base_model})
+    folder.write_generations(examples, outputs)
+    folder.save_lm_adapter(model, args.backbone, args.task, base_fingerprint, PROMPT_TEMPLATE)
     folder.write_final(final)
     plot_curve(records, folder.out / CURVE_FILE, None, title=f"{args.method} {args.task}")
     return final
