@@ -16,12 +16,13 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from adamix_zoo.heads import save_head
 from federation.config import FederationConfig
+from federation.mods import fault_mod, timing_mod
 from federation.records import from_record, to_record
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, TASK_KEY
 from federation.task import (
     batches,
-    build_model,
     client_data,
+    client_model,
     evaluate_examples,
     head_of,
     load_head_state,
@@ -44,7 +45,8 @@ def dp_mod(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[dp_mod])
+# Outermost first: injected faults, then the timing of the client's own work, then DP clipping.
+app = ClientApp(mods=[fault_mod, timing_mod, dp_mod])
 
 
 def settings(context: Context) -> tuple[FederationConfig, int]:
@@ -66,7 +68,7 @@ def settings(context: Context) -> tuple[FederationConfig, int]:
 
 def _model(cfg: FederationConfig, pid: int, task: str, context: Context, arrays: ArrayRecord):
     """This client's model: received experts (and head), or its own head from the run's state."""
-    model = build_model(cfg, task, head_seed=None if cfg.head_federated else cfg.seed + 1 + pid)
+    model = client_model(cfg, task, head_seed=None if cfg.head_federated else cfg.seed + 1 + pid)
     if not cfg.head_federated and LOCAL_HEAD in context.state.array_records:
         load_head_state(model, from_record(context.state[LOCAL_HEAD]))
     load_shared_state(model, from_record(arrays))

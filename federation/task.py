@@ -52,10 +52,43 @@ def build_model(cfg: FederationConfig, task: str, head_seed: int | None = None) 
     backbone = copy.deepcopy(pretrained_backbone(cfg.backbone))
     torch.manual_seed(cfg.seed)
     model = build_task_model(backbone, get_task(task), cfg.adamix_config(), cfg.pooling)
+    _redraw_head(model, head_seed)
+    return model.to(select_device())
+
+
+def _redraw_head(model: TaskModel, head_seed: int | None) -> None:
     if head_seed is not None:  # re-draw the head alone; the experts keep the shared seed
         torch.manual_seed(head_seed)
         model.head.classifier.reset_parameters()
-    return model.to(select_device())
+
+
+# per process: (run, task) -> a built model and the initial values of its trainable tensors
+_MODELS: dict[tuple, tuple[TaskModel, dict[str, torch.Tensor]]] = {}
+
+
+def client_model(cfg: FederationConfig, task: str, head_seed: int | None = None) -> TaskModel:
+    """``build_model``, but built once per process and (run, task): a simulated client's process
+    serves every client, and a backbone copy costs about 0.3 s a message (MiniLM). Later calls
+    put the trainable tensors back to their initial values (then re-draw the head as
+    ``build_model`` would), so the model is the one ``build_model`` returns; the frozen backbone
+    is never trained. Only for clients, which load the round's experts into it right away.
+    """
+    key = (_run_key(cfg), task)
+    if key not in _MODELS:
+        if len(_MODELS) >= 4:  # a new run in this process: drop the old one's models
+            _MODELS.clear()
+        model = build_model(cfg, task)
+        _MODELS[key] = model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model, initial = _MODELS[key]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in initial:
+                param.copy_(initial[name])
+                param.grad = None
+    model.backbone.seed_routing(cfg.seed)
+    model.train()
+    _redraw_head(model, head_seed)
+    return model
 
 
 def experts_of(model: TaskModel) -> dict[str, torch.Tensor]:
@@ -96,6 +129,11 @@ def load_head_state(model: TaskModel, head: dict[str, torch.Tensor]) -> None:
 
 # -- data ---------------------------------------------------------------------------------------
 _ENCODED: dict[tuple, list[dict[str, Any]]] = {}  # per process: a client's partition, encoded once
+_SPLITS: dict[tuple, "datasets.Dataset"] = {}  # per process: a task's split, read once for all clients
+
+
+def _run_key(cfg: FederationConfig) -> tuple:
+    return tuple(sorted(cfg.to_run_config().items()))
 
 
 def load_split(cfg: FederationConfig, spec: TaskSpec, split: str) -> "datasets.Dataset":
@@ -165,11 +203,14 @@ def client_data(
     """Client ``partition_id``'s task and its encoded ``split`` partition (cached per process)."""
     task, index, count = cfg.client_task(partition_id)
     spec = get_task(task)
-    key = (tuple(sorted(cfg.to_run_config().items())), partition_id, split)
+    key = (_run_key(cfg), partition_id, split)
     if key not in _ENCODED:
-        _ENCODED[key] = encoded(
-            cfg, spec, partition(cfg, load_split(cfg, spec, split), index, count)
-        )
+        rows_key = (_run_key(cfg), task, split)
+        if rows_key not in _SPLITS:
+            if len(_SPLITS) >= 4:  # a new run in this process: drop the old one's splits
+                _SPLITS.clear()
+            _SPLITS[rows_key] = load_split(cfg, spec, split)
+        _ENCODED[key] = encoded(cfg, spec, partition(cfg, _SPLITS[rows_key], index, count))
     return spec, _ENCODED[key]
 
 
