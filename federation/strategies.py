@@ -184,10 +184,7 @@ class ValidatingStrategy(Strategy):
         for strategy in (self.inner, getattr(self.inner, "strategy", None)):
             if isinstance(strategy, FedAvgM):
                 strategy.current_arrays = arrays
-        connected = connected_nodes(grid, self.min_valid, self.node_wait)
-        if connected < self.min_valid:
-            log(WARNING, "round %d: only %d clients connected (min-clients=%d): nothing sent",
-                server_round, connected, self.min_valid)
+        if not self._enough_clients(server_round, grid, "training"):
             return []
         messages = self.inner.configure_train(server_round, arrays, config, grid)
         self._sent_at[server_round] = time.perf_counter()
@@ -197,11 +194,19 @@ class ValidatingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if not self.evaluates(server_round):
+        if not self.evaluates(server_round) or not self._enough_clients(server_round, grid, "evaluation"):
             return []
         messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
         self._eval_sent_at[server_round] = time.perf_counter()
         return messages
+
+    def _enough_clients(self, server_round: int, grid: Grid, phase: str) -> bool:
+        """At least ``min_valid`` clients connected, else Flower's sampling would wait forever."""
+        connected = connected_nodes(grid, self.min_valid, self.node_wait)
+        if connected < self.min_valid:
+            log(WARNING, "round %d: only %d clients connected (min-clients=%d): no %s",
+                server_round, connected, self.min_valid, phase)
+        return connected >= self.min_valid
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that pass validation; each rejected one is logged with its reason."""
