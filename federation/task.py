@@ -170,7 +170,8 @@ def partition(
             raise ValueError(
                 "Dirichlet partitions need class labels; use partitioner='iid' for regression"
             )
-        min_size = max(1, min(10, len(dataset) // (4 * count)))
+        # at most a tenth of the mean partition: 872 dev rows over 20 clients at alpha 0.5 fail at 10
+        min_size = max(1, min(10, len(dataset) // (10 * count)))
         partitioner = DirichletPartitioner(
             num_partitions=count,
             partition_by="label",

@@ -191,6 +191,7 @@ def test_the_client_model_is_built_once_and_reset_to_a_fresh_build(tiny_env):
     again = task.client_model(cfg, "sst2", head_seed=7)
     assert again is first and again.training
     fresh = task.build_model(cfg, "sst2", head_seed=7)
+    assert fresh.training
     mine, theirs = again.state_dict(), fresh.state_dict()
     assert mine.keys() == theirs.keys()
     for name in theirs:
