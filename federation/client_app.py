@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from federation.config import FederationConfig
+from federation.mods import fault_mod, timing_mod
 from federation.records import from_record, to_record
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, TASK_KEY
 from federation.task import TaskFamily, family_of
@@ -35,7 +36,8 @@ def dp_mod(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[dp_mod])
+# Outermost first: injected faults, then the timing of the client's own work, then DP clipping.
+app = ClientApp(mods=[fault_mod, timing_mod, dp_mod])
 
 
 def settings(context: Context) -> tuple[FederationConfig, int]:
@@ -59,7 +61,7 @@ def _model(
     family: TaskFamily, cfg: FederationConfig, pid: int, task: str, context: Context, arrays: ArrayRecord
 ) -> torch.nn.Module:
     """This client's model: received experts (and head), or its own head from the run's state."""
-    model = family.build_model(cfg, task, head_seed=cfg.seed + 1 + pid if cfg.local_head else None)
+    model = family.client_model(cfg, task, head_seed=cfg.seed + 1 + pid if cfg.local_head else None)
     if cfg.local_head and LOCAL_HEAD in context.state.array_records:
         family.load_head_state(model, from_record(context.state[LOCAL_HEAD]))
     family.load_shared_state(model, from_record(arrays))

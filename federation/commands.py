@@ -22,6 +22,20 @@ def federate(
     ),
     clients: int = typer.Option(4, min=1, help="Clients (SuperNodes)."),
     rounds: int = typer.Option(3, min=1, help="Federated rounds."),
+    fraction_train: float = typer.Option(
+        1.0, min=0.0, max=1.0,
+        help="Share of the connected clients sampled to train each round (at least --min-clients).",
+    ),
+    min_clients: Optional[int] = typer.Option(
+        None, min=1,
+        help="Valid updates a round needs to aggregate (default 2; fewer keep the previous "
+        "experts), and the fewest clients a round samples. Replies later than round-timeout "
+        "do not count. Before round 1 the server waits for all --clients (run-config "
+        "min-available-clients lowers that).",
+    ),
+    evaluate_every: int = typer.Option(
+        1, min=1, help="Federated client evaluation every N rounds and at the last round."
+    ),
     local_steps: int = typer.Option(20, min=1, help="Local optimizer steps per client per round."),
     strategy: str = typer.Option(
         "fedavg",
@@ -59,7 +73,11 @@ def federate(
     """Run a federated AdaMix training with Flower on this machine and publish the global adapter.
 
     Starts its own SuperLink (and, with --deployment, one SuperNode per client) on 127.0.0.1 with
-    Flower's state in a temporary FLWR_HOME, runs the app with `flwr run`, stops every process.
+    Flower's state in a temporary FLWR_HOME, runs the app with `flwr run`, stops every process
+    (also on Ctrl-C or SIGTERM).
+
+    Faults can be injected for tests and benchmarks with the run-config keys drop-rate,
+    straggler-rate and straggler-seconds (see federation/config.py).
 
     Examples:
 
@@ -68,6 +86,8 @@ def federate(
         adamix-zoo federate --tasks sst2,rte --clients 4 --run-config "train-limit=2000"
 
         adamix-zoo federate --tasks e2e --clients 4 --run-config "train-limit=4000 eval-limit=200"
+
+        adamix-zoo federate --clients 20 --fraction-train 0.25 --min-clients 3 --evaluate-every 5
 
     Data-to-text runs train AdaMix-LoRA (rank 4, alpha 32, as the data-to-text recipe) on SmolLM2;
     the published entry has no head and serves with `adamix-zoo serve --lm`.
@@ -90,6 +110,8 @@ def federate(
         "tasks": tasks,
         "num-clients": clients,
         "num-rounds": rounds,
+        "fraction-train": fraction_train,
+        "evaluate-every": evaluate_every,
         "local-steps": local_steps,
         "strategy": strategy,
         "dp": dp,
@@ -101,7 +123,9 @@ def federate(
         # resolved here: the ServerApp runs under the SuperLink, whose environment may differ
         "registry-dir": str((registry_dir or default_home()).resolve()),
         "publish": publish,
-    } | parse_config_args([run_config] if run_config else None)
+    } | ({"min-clients": min_clients} if min_clients else {}) | parse_config_args(
+        [run_config] if run_config else None
+    )
     try:
         cfg = FederationConfig.from_run_config(overrides)  # fail here, not inside the SuperLink
     except ValueError as err:

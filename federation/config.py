@@ -109,7 +109,35 @@ class FederationConfig:
     )
     min_clients: int = field(
         default=2,
-        metadata={"help": "Valid updates a round needs to aggregate (else the round is skipped)."},
+        metadata={
+            "help": "Valid training replies a round needs to aggregate (fewer: the round keeps the "
+            "previous experts); also the fewest clients a round samples, whatever the fractions."
+        },
+    )
+    min_available_clients: int = field(
+        default=0,
+        metadata={
+            "help": "Connected clients the server waits for (round-timeout) before round 1; "
+            "0 = all num-clients. Later rounds sample from whoever is connected then."
+        },
+    )
+    fraction_train: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of connected clients sampled to train each round: "
+            "max(min-clients, int(fraction x connected)), drawn anew every round."
+        },
+    )
+    fraction_evaluate: float = field(
+        default=1.0,
+        metadata={"help": "Share of connected clients sampled for federated evaluation."},
+    )
+    evaluate_every: int = field(
+        default=1,
+        metadata={
+            "help": "Federated (client) evaluation every N rounds and at the last round; the "
+            "server always evaluates the final global model on the whole validation split."
+        },
     )
     num_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
     local_steps: int = field(default=20, metadata={"help": "Optimizer steps per client per round."})
@@ -171,7 +199,28 @@ class FederationConfig:
     )
     dp_clipping_norm: float = field(default=1.0, metadata={"help": "DP (initial) clipping norm."})
     round_timeout: float = field(
-        default=600.0, metadata={"help": "Seconds a round waits for replies."}
+        default=600.0,
+        metadata={
+            "help": "Seconds each phase (training, evaluation) of a round waits for replies; "
+            "the round goes on with the replies that came in time."
+        },
+    )
+    drop_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fault injection (tests, benchmarks): share of training messages whose "
+            "client crashes (an error reply), drawn per (seed, round, partition)."
+        },
+    )
+    straggler_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fault injection: share of training messages delayed by straggler-seconds "
+            "before training (past round-timeout: a client that never answers in time)."
+        },
+    )
+    straggler_seconds: float = field(
+        default=0.0, metadata={"help": "Fault injection: the delay of a straggling client."}
     )
     output_dir: str = field(
         default="outputs/federation",
@@ -208,6 +257,24 @@ class FederationConfig:
         if self.min_clients > self.num_clients:
             raise ValueError(
                 f"min-clients={self.min_clients} exceeds num-clients={self.num_clients}"
+            )
+        if self.min_available_clients and not (
+            self.min_clients <= self.min_available_clients <= self.num_clients
+        ):
+            raise ValueError(
+                f"min-available-clients={self.min_available_clients} must be 0 or between "
+                f"min-clients={self.min_clients} and num-clients={self.num_clients}"
+            )
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("drop_rate", "straggler_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.evaluate_every < 1 or self.straggler_seconds < 0:
+            raise ValueError(
+                f"evaluate-every must be >= 1 and straggler-seconds >= 0, got "
+                f"{self.evaluate_every} and {self.straggler_seconds}"
             )
         if len(self.task_list) > self.num_clients:
             raise ValueError(
@@ -265,6 +332,15 @@ class FederationConfig:
         """Each client keeps a head of its own (a family with heads that are not federated)."""
         return FAMILIES[self.family].has_head and not self.head_federated
 
+    @property
+    def clients_before_start(self) -> int:
+        """Connected clients the server waits for before round 1."""
+        return self.min_available_clients or self.num_clients
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether round ``server_round`` runs federated evaluation (every N rounds, and the last)."""
+        return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
+
     def client_task(self, partition_id: int) -> tuple[str, int, int]:
         """(task, partition of that task, partitions of that task) of client ``partition_id``."""
         tasks = self.task_list
@@ -291,6 +367,16 @@ class FederationConfig:
             "rounds": self.num_rounds,
             "clients": self.num_clients,
             "min_clients": self.min_clients,
+            "fraction_train": self.fraction_train,
+            "fraction_evaluate": self.fraction_evaluate,
+            "evaluate_every": self.evaluate_every,
+            "fault_injection": {
+                "drop_rate": self.drop_rate,
+                "straggler_rate": self.straggler_rate,
+                "straggler_seconds": self.straggler_seconds,
+            }
+            if self.drop_rate or self.straggler_rate
+            else None,
             "strategy": self.strategy,
             "server_learning_rate": self.server_learning_rate,
             "server_momentum": self.server_momentum,

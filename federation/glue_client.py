@@ -41,10 +41,13 @@ class GlueFamily(TaskFamily):
         backbone = copy.deepcopy(pretrained_backbone(cfg.backbone))
         torch.manual_seed(cfg.seed)
         model = build_task_model(backbone, get_task(task), cfg.adamix_config(), cfg.pooling)
-        if head_seed is not None:  # re-draw the head alone; the experts keep the shared seed
-            torch.manual_seed(head_seed)
-            model.head.classifier.reset_parameters()
+        if head_seed is not None:
+            self.redraw_head(model, head_seed)
         return model.to(select_device())
+
+    def redraw_head(self, model: TaskModel, head_seed: int) -> None:
+        torch.manual_seed(head_seed)
+        model.head.classifier.reset_parameters()
 
     def adamix_model(self, model: TaskModel) -> AdaMixModel:
         return model.backbone

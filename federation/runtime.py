@@ -2,7 +2,8 @@
 SuperNodes, and ``flwr run``, with Flower's state in a private ``FLWR_HOME``.
 
 ``adamix-zoo federate``, the integration tests and the benchmark use this; every process started
-here is stopped (its whole process group) when the ``LocalFederation`` context exits.
+here is stopped (its whole process group) when the ``LocalFederation`` context exits, also on
+Ctrl-C (KeyboardInterrupt) and on SIGTERM, which the context turns into ``SystemExit(143)``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,11 @@ def _executable(name: str) -> str:
     return found
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM as an exception, so ``with`` blocks (and so ``LocalFederation.stop``) run."""
+    raise SystemExit(128 + signum)
+
+
 class LocalFederation:
     """A SuperLink on 127.0.0.1 plus (deployment mode) SuperNodes, in a temporary FLWR_HOME.
 
@@ -111,6 +118,7 @@ class LocalFederation:
         self.log_dir = Path(log_dir or self.home / "logs")
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
+        self._sigterm: Any = None  # the SIGTERM handler before the context was entered
 
     # -- environment -----------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -250,12 +258,28 @@ class LocalFederation:
         return found
 
     def __enter__(self) -> "LocalFederation":
-        return self.start()
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self._sigterm = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return self.start()
+        except BaseException:  # a SuperLink that did not come up may still be running
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        if self._own_home:
-            shutil.rmtree(self.home, ignore_errors=True)
+        main = threading.current_thread() is threading.main_thread()
+        if main:  # a second Ctrl-C or SIGTERM waits until every process is stopped
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self.stop()
+            if self._own_home:
+                shutil.rmtree(self.home, ignore_errors=True)
+        finally:
+            if main:
+                if self._sigterm is not None:
+                    signal.signal(signal.SIGTERM, self._sigterm)
+                    self._sigterm = None
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
     # -- flwr run --------------------------------------------------------------------------------
     def run(

@@ -3,14 +3,16 @@
 The server builds the same model as the clients (same backbone, same AdaMix seed) only to own the
 initial experts, to know what a valid update looks like (names, shapes, dtypes), and to evaluate
 and save the final global adapter. Rounds run through Flower's ``Strategy.start`` with the
-configured strategy behind ``ValidatingStrategy``. The model, its evaluation and its run folder come
-from the run's task family (``federation.task.family_of``).
+configured strategy behind ``ValidatingStrategy``: each round samples ``fraction-train`` of the
+connected clients (at least ``min-clients``), waits ``round-timeout`` for their replies, and
+aggregates when ``min-clients`` valid ones came in; federated evaluation runs every
+``evaluate-every`` rounds and at the last. The model, its evaluation and its run folder come from
+the run's task family (``federation.task.family_of``).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
@@ -24,7 +26,7 @@ from federation.client_app import HEAD_DIR
 from federation.config import FederationConfig
 from federation.output import CLIENT_HEADS_DIR, TASKS_DIR, publish, write_run
 from federation.records import HEAD_PREFIX, Spec, check_record, from_record, record_bytes, spec_of, to_record
-from federation.strategies import ValidatingStrategy, build_strategy
+from federation.strategies import ValidatingStrategy, build_strategy, connected_nodes
 from federation.task import GlobalEvaluation, TaskFamily, family_of
 
 app = ServerApp()
@@ -51,18 +53,15 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def wait_for_clients(grid: Grid, count: int, timeout: float) -> None:
-    """Block until ``count`` clients are connected, so round 1 samples every one of them.
+    """Block until ``count`` clients (``min-available-clients``, default all) are connected, so
+    round 1 samples from all of them.
 
     Raises:
         FederationError: fewer connected clients after ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < count:
-        if time.monotonic() > deadline:
-            raise FederationError(
-                f"only {connected} of {count} clients connected within {timeout:.0f}s"
-            )
-        time.sleep(0.5)
+    connected = connected_nodes(grid, count, timeout)
+    if connected < count:
+        raise FederationError(f"only {connected} of {count} clients connected within {timeout:.0f}s")
 
 
 def final_arrays(strategy: ValidatingStrategy, arrays: ArrayRecord, spec: Spec) -> ArrayRecord:
@@ -91,7 +90,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
     initial = family.shared_state(model, cfg.head_federated)
     spec = spec_of(initial)
     strategy = build_strategy(cfg, spec)
-    wait_for_clients(grid, cfg.num_clients, cfg.round_timeout)
+    wait_for_clients(grid, cfg.clients_before_start, cfg.round_timeout)
     result = strategy.start(
         grid=grid,
         initial_arrays=to_record(initial),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -68,6 +68,9 @@ class RoundLog:
     train_seconds: dict[int, list[float]] = field(
         default_factory=dict
     )  # round -> clients' loop times
+    client_seconds: dict[int, list[float]] = field(
+        default_factory=dict
+    )  # round -> clients' whole handler times (loop + set-up + packing)
 
     @property
     def aggregated_rounds(self) -> list[int]:
@@ -89,6 +92,7 @@ class RoundLog:
             "round_train_phase_seconds": self.phase_seconds,
             "round_eval_phase_seconds": self.eval_seconds,
             "client_train_seconds": self.train_seconds,
+            "client_handler_seconds": self.client_seconds,
         }
 
 
@@ -145,14 +149,19 @@ class ValidatingStrategy(Strategy):
             times the median of the other updates' norms.
         max_weight_ratio: a reply's ``num-examples`` is clipped to this times the median of the
             others' (so no client decides the aggregate by claiming a huge partition).
+        evaluates: whether a round runs federated evaluation (default: every round).
+        node_wait: seconds a round waits for ``min_valid`` connected clients before it is
+            skipped (Flower's sampling would wait for them forever).
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
-                 max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0) -> None:
+                 max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0,
+                 evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
         self.max_norm_ratio, self.max_weight_ratio = max_norm_ratio, max_weight_ratio
+        self.evaluates, self.node_wait = evaluates or (lambda _: True), node_wait
         self.log = RoundLog()
         self._sent_at: dict[int, float] = {}
         self._eval_sent_at: dict[int, float] = {}
@@ -175,6 +184,8 @@ class ValidatingStrategy(Strategy):
         for strategy in (self.inner, getattr(self.inner, "strategy", None)):
             if isinstance(strategy, FedAvgM):
                 strategy.current_arrays = arrays
+        if not self._enough_clients(server_round, grid, "training"):
+            return []
         messages = self.inner.configure_train(server_round, arrays, config, grid)
         self._sent_at[server_round] = time.perf_counter()
         self._sent = {server_round: arrays}  # only the current round's is needed
@@ -183,9 +194,19 @@ class ValidatingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if not self.evaluates(server_round) or not self._enough_clients(server_round, grid, "evaluation"):
+            return []
         messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
         self._eval_sent_at[server_round] = time.perf_counter()
         return messages
+
+    def _enough_clients(self, server_round: int, grid: Grid, phase: str) -> bool:
+        """At least ``min_valid`` clients connected, else Flower's sampling would wait forever."""
+        connected = connected_nodes(grid, self.min_valid, self.node_wait)
+        if connected < self.min_valid:
+            log(WARNING, "round %d: only %d clients connected (min-clients=%d): no %s",
+                server_round, connected, self.min_valid, phase)
+        return connected >= self.min_valid
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that pass validation; each rejected one is logged with its reason."""
@@ -210,6 +231,9 @@ class ValidatingStrategy(Strategy):
             self.log.phase_seconds[server_round] = time.perf_counter() - self._sent_at[server_round]
         self.log.train_seconds[server_round] = [
             _number(m.content[METRICS_KEY].get("train-seconds", 0.0)) or 0.0 for m in good
+        ]
+        self.log.client_seconds[server_round] = [
+            _number(m.content[METRICS_KEY].get("client-seconds", 0.0)) or 0.0 for m in good
         ]
         self.log.accepted[server_round] = len(good)
         if len(good) < self.min_valid:
@@ -307,12 +331,13 @@ class ValidatingStrategy(Strategy):
 
 
 def flower_strategy(cfg: FederationConfig) -> Strategy:
-    """The configured Flower strategy (and DP wrapper), sampling every client each round."""
-    # Every connected client is sampled (fraction 1.0); the minimums are min-clients so a round
-    # still runs when a client has gone away (the server waits for all clients before round 1).
+    """The configured Flower strategy (and DP wrapper), sampling ``fraction-*`` of the clients."""
+    # Flower samples max(min nodes, int(fraction x connected)) clients; the minimums are
+    # min-clients, so a round still runs when clients have gone away (ValidatingStrategy skips a
+    # round with fewer than min-clients connected, where Flower would wait for them forever).
     common = dict(
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_clients,
         min_evaluate_nodes=cfg.min_clients,
         min_available_nodes=cfg.min_clients,
@@ -358,4 +383,13 @@ def _with_dp(cfg: FederationConfig, base: Strategy) -> Strategy:
 
 
 def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
-    return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list)
+    return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
+                              evaluates=cfg.evaluates, node_wait=cfg.round_timeout)
+
+
+def connected_nodes(grid: Grid, count: int, timeout: float) -> int:
+    """Connected clients, once ``count`` are (or ``timeout`` seconds have passed)."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return connected

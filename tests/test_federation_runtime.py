@@ -1,20 +1,23 @@
 """End to end through Flower's own runtime (real processes, tiny model): a SuperLink in simulation
-mode driven by ``adamix-zoo federate``, and the Deployment Engine with SuperNodes, one killed."""
+mode driven by ``adamix-zoo federate``, the Deployment Engine with SuperNodes, one killed, twenty
+sampled clients with injected crashes, and SIGTERM / SIGINT stopping every process started."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from federation.runtime import LocalFederation
 from registry import Store
-from tests.test_federation_support import tiny_run_config
+from tests.test_federation_support import make_glue, tiny_run_config
 
 pytestmark = pytest.mark.integration
 PROJECT = Path(__file__).resolve().parents[1]
@@ -80,3 +83,91 @@ def test_deployment_engine_survives_a_killed_supernode(tiny_env):
     assert metrics["federation"]["accepted_updates"] == {"1": 2}
     assert [e.ref for e in Store(rc["registry-dir"]).list()] == ["federated/sst2@1"]
     assert not [p for p in fed.processes.values() if p.poll() is None]
+
+
+def test_twenty_client_simulation_samples_a_fraction_and_survives_crashes(tiny_env):
+    make_glue(tiny_env / "data", rows=400)
+    rc = tiny_run_config(tiny_env, **{
+        "num-clients": 20, "num-rounds": 2, "fraction-train": 0.25, "fraction-evaluate": 0.1,
+        "evaluate-every": 2, "drop-rate": 0.2, "publish": False, "round-timeout": 300.0,
+    })
+    with LocalFederation(simulation=True, log_dir=tiny_env / "logs") as fed:
+        log = fed.run(rc, timeout=600)
+    assert log.count("configure_train: Sampled 5 nodes (out of 20)") == 2, log[-4000:]
+    assert log.count("configure_evaluate: Sampled 2 nodes (out of 20)") == 1  # the last round only
+    report = json.loads((tiny_env / "out" / "final_metrics.json").read_text())["federation"]
+    rejected = report.get("rejected_updates", {})
+    for r in ("1", "2"):  # every sampled client either aggregated or was dropped by the fault knob
+        dropped = rejected.get(r, [])
+        assert report["accepted_updates"][r] + len(dropped) == 5
+        assert all("fault injection" in d["reason"] for d in dropped)
+    assert report["aggregated_rounds"] == [1, 2]
+
+
+MARKER = "ADAMIX_SIGNAL_TEST"
+HOLD_FEDERATION = """
+import sys, time
+from federation.runtime import LocalFederation
+with LocalFederation(simulation=False) as fed:
+    for pid in range(2):
+        fed.add_supernode(pid, 2)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``marker`` (everything the test's child started)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARKER) == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:  # gone, or not ours
+            pass
+    return found
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_every_process_a_local_federation_started(tmp_path, signum):
+    marker = f"{tmp_path.name}-{signum}"
+    env = os.environ | {MARKER: marker, "PYTHONPATH": str(PROJECT)}
+    child = subprocess.Popen([sys.executable, "-c", HOLD_FEDERATION], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        names = lambda: " ".join(" ".join(p.cmdline()) for p in marked_processes(marker))  # noqa: E731
+        wait_until(lambda: names().count("flower-supernode") >= 2 and "flower-superlink" in names(), 60,
+                   "the SuperLink and two SuperNodes")
+        child.send_signal(signum)
+        assert child.wait(timeout=60) == (143 if signum == signal.SIGTERM else -signal.SIGINT)
+        wait_until(lambda: marked_processes(marker) == [], 20, "the Flower processes to stop")
+    finally:
+        child.kill()
+        for proc in marked_processes(marker):
+            proc.kill()
+
+
+def test_sigterm_of_the_federate_command_mid_run_stops_the_simulation(tiny_env):
+    marker = f"{tiny_env.name}-federate"
+    env = os.environ | {MARKER: marker, "ADAMIX_ZOO_HOME": str(tiny_env / "zoo"), "HF_HUB_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "adamix-zoo"), "federate", "--clients", "2", "--rounds", "50",
+           "--local-steps", "50", "--backbone", str(tiny_env / "backbone"), "--data-dir", str(tiny_env / "data"),
+           "--output-dir", str(tiny_env / "out"), "--no-publish", "--run-config", "num-experts=2 rank=2"]
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # Ray's actors run the ClientApps: the run is under way
+        wait_until(lambda: "ClientAppActor" in " ".join(" ".join(p.cmdline()) for p in marked_processes(marker)),
+                   240, "the simulation's client actors")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 143
+        wait_until(lambda: marked_processes(marker) == [], 30, "the Flower and Ray processes to stop")
+    finally:
+        child.kill()
+        for proc in marked_processes(marker):
+            proc.kill()

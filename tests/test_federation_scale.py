@@ -1,0 +1,200 @@
+"""Scale and faults on the in-process grid (tiny model): sampled clients, the evaluation cadence,
+clients that crash or straggle past the round timeout, the wait for clients, the client model
+cache, and the client timing that the benchmark's round overhead is made of."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from adamix_zoo.formats.files import EXPERTS_FILE, read_safetensors
+from federation.client_app import app
+from federation.config import FederationConfig
+from federation.mods import injected_fault
+from federation.records import HEAD_PREFIX
+from federation.server_app import FederationError, run_federation
+from tests.test_federation_support import InProcessGrid, make_glue, tiny_run_config
+
+pytestmark = pytest.mark.usefixtures("server_identity", "one_thread")
+
+pytest_plugins = ["tests.test_federation_support"]
+
+
+class TimedGrid(InProcessGrid):
+    """Clients answering in parallel: a reply that took longer than ``timeout`` never arrives."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            start = time.perf_counter()
+            reply = super().send_and_receive([msg], timeout=timeout)
+            if timeout is None or time.perf_counter() - start <= timeout:
+                out += reply
+        return out
+
+
+def weighted_mean(replies: list) -> dict[str, np.ndarray]:
+    weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
+    names = replies[0].content["arrays"].keys()
+    return {
+        k: sum(w * r.content["arrays"][k].numpy().astype(np.float64) for w, r in zip(weights, replies))
+        / weights.sum()
+        for k in names
+    }
+
+
+def test_twenty_clients_sampled_per_round_and_only_the_sampled_are_aggregated(tiny_env):
+    make_glue(tiny_env / "data", rows=400)  # 20 partitions of 20 rows (10 validation rows)
+    rc = tiny_run_config(tiny_env, **{
+        "num-clients": 20, "num-rounds": 3, "fraction-train": 0.25, "fraction-evaluate": 0.1,
+        "evaluate-every": 2, "publish": False,
+    })
+    grid = InProcessGrid(app, rc, num_nodes=20)
+    outcome = run_federation(grid, FederationConfig.from_run_config(rc))
+
+    train = [(sent, replies) for kind, sent, replies in grid.exchanges if kind == "train"]
+    assert [len(sent) for sent, _ in train] == [5, 5, 5]  # int(0.25 x 20) per round
+    for sent, _ in train:
+        assert len({m.metadata.dst_node_id for m in sent}) == 5
+    assert len({m.metadata.dst_node_id for sent, _ in train for m in sent}) > 5  # drawn anew
+    log = outcome.metrics["federation"]
+    assert log["accepted_updates"] == {1: 5, 2: 5, 3: 5} and log["aggregated_rounds"] == [1, 2, 3]
+    # The global experts are the weighted mean of the last round's five sampled clients alone.
+    saved = read_safetensors(outcome.folder / EXPERTS_FILE)
+    for name, value in weighted_mean(train[-1][1]).items():
+        if not name.startswith(HEAD_PREFIX):
+            np.testing.assert_allclose(saved[name].numpy(), value, rtol=1e-5, atol=1e-7)
+    # Federated evaluation ran at rounds 2 (every 2) and 3 (the last), on max(2, 0.1 x 20) clients.
+    evaluated = [len(sent) for kind, sent, _ in grid.exchanges if kind in ("evaluate", "")]
+    assert evaluated == [0, 2, 2]
+    assert sorted(log["round_eval_phase_seconds"]) == [2, 3]
+    # Each client's whole handler time covers its training loop.
+    for handler, loop in zip(log["client_handler_seconds"].values(), log["client_train_seconds"].values()):
+        assert len(handler) == 5 and all(h >= t > 0 for h, t in zip(handler, loop))
+
+
+def test_crashing_clients_are_dropped_and_the_round_aggregates_the_rest(tiny_env):
+    rc = tiny_run_config(tiny_env, **{"num-clients": 6, "num-rounds": 2, "drop-rate": 0.4, "publish": False})
+    cfg = FederationConfig.from_run_config(rc)
+    dropped = {r: {100 + p for p in range(6) if injected_fault(cfg, r, p) == "drop"} for r in (1, 2)}
+    assert all(1 <= len(d) <= 4 for d in dropped.values()), dropped  # the seed drops some, not all
+    grid = InProcessGrid(app, rc, num_nodes=6)
+    outcome = run_federation(grid, cfg)
+    log = outcome.metrics["federation"]
+    assert log["accepted_updates"] == {r: 6 - len(d) for r, d in dropped.items()}
+    assert log["aggregated_rounds"] == [1, 2]
+    for r, d in dropped.items():
+        rejected = {x["node"]: x["reason"] for x in log["rejected_updates"][r]}
+        assert set(rejected) == d and all("fault injection" in why for why in rejected.values())
+
+
+def test_fault_draws_are_repeatable_and_follow_the_rates():
+    cfg = FederationConfig(num_clients=20, drop_rate=0.2, straggler_rate=0.3, seed=3)
+    draws = [injected_fault(cfg, r, p) for r in range(1, 51) for p in range(20)]
+    assert draws == [injected_fault(cfg, r, p) for r in range(1, 51) for p in range(20)]
+    assert draws.count("drop") / 1000 == pytest.approx(0.2, abs=0.04)
+    assert draws.count("straggle") / 1000 == pytest.approx(0.8 * 0.3, abs=0.04)  # if not dropped
+    assert all(injected_fault(FederationConfig(), r, p) is None for r in range(1, 5) for p in range(4))
+
+
+def test_a_straggler_past_the_round_timeout_does_not_stall_the_round(tiny_env):
+    base = {"num-clients": 4, "num-rounds": 1, "straggler-rate": 0.3, "straggler-seconds": 4.0,
+            "round-timeout": 3.0, "publish": False}
+    seed = next(s for s in range(100) if sum(
+        injected_fault(FederationConfig.from_run_config(tiny_run_config(tiny_env, **base, seed=s)), 1, p)
+        == "straggle" for p in range(4)) == 1)
+    rc = tiny_run_config(tiny_env, **base, seed=seed)
+    cfg = FederationConfig.from_run_config(rc)
+    late = next(100 + p for p in range(4) if injected_fault(cfg, 1, p) == "straggle")
+    grid = TimedGrid(app, rc, num_nodes=4)
+    outcome = run_federation(grid, cfg)
+    assert outcome.metrics["federation"]["accepted_updates"] == {1: 3}
+    good = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id != late]
+    assert len(good) == 3
+    saved = read_safetensors(outcome.folder / EXPERTS_FILE)
+    for name, value in weighted_mean(good).items():
+        if not name.startswith(HEAD_PREFIX):
+            np.testing.assert_allclose(saved[name].numpy(), value, rtol=1e-5, atol=1e-7)
+
+
+def test_the_server_waits_for_min_available_clients_before_round_one(tiny_env):
+    rc = tiny_run_config(tiny_env, **{"num-clients": 4, "num-rounds": 1, "round-timeout": 1.0, "publish": False})
+    with pytest.raises(FederationError, match="only 3 of 4 clients connected within 1s"):
+        run_federation(InProcessGrid(app, rc, num_nodes=3), FederationConfig.from_run_config(rc))
+    rc["min-available-clients"] = 3
+    outcome = run_federation(InProcessGrid(app, rc, num_nodes=3), FederationConfig.from_run_config(rc))
+    assert outcome.metrics["federation"]["accepted_updates"] == {1: 3}
+
+
+class ShrinkingGrid(InProcessGrid):
+    """Two of the clients go away after round 1's training."""
+
+    def get_node_ids(self) -> list[int]:
+        ids = super().get_node_ids()
+        return ids if train_rounds(self) < 1 else ids[:2]
+
+
+def train_rounds(grid: InProcessGrid) -> int:
+    return sum(1 for kind, sent, _ in grid.exchanges if kind == "train" and sent)
+
+
+def test_a_round_with_fewer_than_min_clients_connected_is_skipped_not_stalled(tiny_env, caplog):
+    rc = tiny_run_config(tiny_env, **{"num-clients": 4, "min-clients": 3, "num-rounds": 2,
+                                      "round-timeout": 1.0, "publish": False})
+    grid = ShrinkingGrid(app, rc, num_nodes=4)
+    outcome = run_federation(grid, FederationConfig.from_run_config(rc))
+    log = outcome.metrics["federation"]
+    assert log["aggregated_rounds"] == [1] and log["skipped_rounds"] == [2]
+    assert train_rounds(grid) == 1  # round 2 sent no training message
+    assert "round 2: only 2 clients connected (min-clients=3): no training" in caplog.text
+    assert "round 2: only 2 clients connected (min-clients=3): no evaluation" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("fraction-train", 0.0, "fraction-train must be in"),
+        ("fraction-evaluate", 1.5, "fraction-evaluate must be in"),
+        ("min-available-clients", 1, "min-available-clients=1 must be 0 or between min-clients=2"),
+        ("min-available-clients", 5, "and num-clients=4"),
+        ("drop-rate", -0.1, "drop-rate must be in"),
+        ("evaluate-every", 0, "evaluate-every must be >= 1"),
+    ],
+)
+def test_bad_scale_settings_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        FederationConfig.from_run_config({"num-clients": 4, key: value})
+
+
+def test_evaluation_rounds_are_every_n_and_the_last():
+    cfg = FederationConfig(num_rounds=7, evaluate_every=3)
+    assert [r for r in range(1, 8) if cfg.evaluates(r)] == [3, 6, 7]
+    assert FederationConfig(num_clients=20).clients_before_start == 20
+    assert FederationConfig(num_clients=20, min_available_clients=5).clients_before_start == 5
+
+
+def test_the_client_model_is_built_once_and_reset_to_a_fresh_build(tiny_env):
+    from federation import task
+
+    cfg = FederationConfig.from_run_config(tiny_run_config(tiny_env))
+    family = task.family_of(cfg)
+    task._MODELS.clear()
+    first = family.client_model(cfg, "sst2")
+    with torch.no_grad():
+        for p in first.parameters():
+            if p.requires_grad:
+                p.add_(1.0)  # what a round of training does to the trainable tensors
+    first.backbone.seed_routing(12345)
+    first.eval()
+    again = family.client_model(cfg, "sst2", head_seed=7)
+    assert again is first and again.training
+    fresh = family.build_model(cfg, "sst2", head_seed=7)
+    assert fresh.training
+    mine, theirs = again.state_dict(), fresh.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0, msg=name)
+    assert again.backbone.router.generator.get_state().equal(fresh.backbone.router.generator.get_state())
