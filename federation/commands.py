@@ -8,6 +8,12 @@ from typing import Optional
 
 import typer
 
+# --aggregation -> the run-config keys it sets (an explicit --run-config value still wins).
+AGGREGATION: dict[str, dict[str, object]] = {
+    "factors": {},
+    "frozen-down": {"sharing": "down", "freeze-shared": True},
+}
+
 
 def register(app: typer.Typer) -> None:
     """Add ``federate`` to the main CLI."""
@@ -28,6 +34,12 @@ def federate(
     ),
     dp: str = typer.Option(
         "none", help="none, server-fixed, server-adaptive, client-fixed, client-adaptive."
+    ),
+    aggregation: str = typer.Option(
+        "factors",
+        help="factors (average the LoRA factors A and B, AdaMix's shared B; not the mean update) or "
+        "frozen-down (exact: the shared A frozen at its common initialisation, only the B experts "
+        "train, FFA-LoRA; = --run-config \"sharing=down freeze-shared=true\").",
     ),
     partitioner: str = typer.Option("iid", help="iid or dirichlet."),
     alpha: float = typer.Option(
@@ -60,6 +72,8 @@ def federate(
         adamix-zoo federate --tasks sst2 --clients 4 --rounds 3 --partitioner dirichlet --alpha 0.5
 
         adamix-zoo federate --tasks sst2,rte --clients 4 --run-config "train-limit=2000"
+
+        adamix-zoo federate --tasks sst2 --aggregation frozen-down
     """
     import json
 
@@ -75,7 +89,9 @@ def federate(
         raise typer.BadParameter(
             "set --data-dir or $ADAMIX_DATA_DIR (the folder holding glue/<task>/)"
         )
-    overrides = {
+    if aggregation not in AGGREGATION:
+        raise typer.BadParameter(f"--aggregation={aggregation!r}: choose one of {', '.join(AGGREGATION)}")
+    overrides = AGGREGATION[aggregation] | {
         "tasks": tasks,
         "num-clients": clients,
         "num-rounds": rounds,
