@@ -98,6 +98,7 @@ def train_command(
     alpha: float | None = _opt("alpha"),
     bottleneck: int | None = _opt("bottleneck"),
     sharing: str | None = _opt("sharing"),
+    freeze_shared: bool = _opt("freeze_shared"),
     consistency_weight: float | None = _opt("consistency_weight"),
     routing: str = _opt("routing"),
     expert_init: str = _opt("expert_init"),

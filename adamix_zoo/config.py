@@ -100,6 +100,13 @@ class AdaMixConfig:
         metadata={"help": "Routing outside training: 'merged', 'fixed' or 'random'."},
     )
     eval_expert: int = field(default=0, metadata={"help": "Expert used when eval_routing='fixed'."})
+    freeze_shared: bool = field(
+        default=False,
+        metadata={"help": "Freeze the shared down-projection A at its initialisation and train only the "
+                  "B experts (FFA-LoRA, Sun et al., ICLR 2024). Every expert's update s B_k A is then "
+                  "linear in what trains, so averaging B across clients (federation) or experts "
+                  "(merging) averages the updates exactly. Needs kind='lora' and sharing='down'."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the routing generator."})
 
     def __post_init__(self) -> None:
@@ -122,6 +129,12 @@ class AdaMixConfig:
         if not 0 <= self.eval_expert < self.num_experts:
             raise ValueError(
                 f"eval_expert={self.eval_expert} is out of range for num_experts={self.num_experts}"
+            )
+        if self.freeze_shared and (self.kind, self.sharing) != ("lora", "down"):
+            raise ValueError(
+                "freeze_shared=True freezes the shared LoRA down-projection A (FFA-LoRA): it needs "
+                f"kind='lora' and sharing='down', got kind={self.kind!r}, sharing={self.sharing!r}"
+                + (" (the shared B starts at 0: frozen, the update would stay 0)" if self.sharing == "up" else "")
             )
         if self.target_modules is not None:
             self.target_modules = list(self.target_modules)

@@ -91,9 +91,12 @@ class AdaMixModel(nn.Module):
         return targets
 
     def _freeze_backbone(self) -> None:
+        """Only heads and adapters train; adapter tensors keep what their layer set (FFA-LoRA's
+        frozen shared A stays frozen)."""
         heads = tuple(h + "." for h in self.head_modules)
         for name, param in self.model.named_parameters():
-            param.requires_grad = is_adapter_param(name) or name.startswith(heads)
+            if not is_adapter_param(name):
+                param.requires_grad = name.startswith(heads)
 
     # -- running ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

@@ -8,6 +8,12 @@ from typing import Optional
 
 import typer
 
+# --aggregation -> the run-config keys it sets (an explicit --run-config value still wins).
+AGGREGATION: dict[str, dict[str, object]] = {
+    "factors": {},
+    "frozen-down": {"sharing": "down", "freeze-shared": True},
+}
+
 
 def register(app: typer.Typer) -> None:
     """Add ``federate`` to the main CLI."""
@@ -44,6 +50,12 @@ def federate(
     ),
     dp: str = typer.Option(
         "none", help="none, server-fixed, server-adaptive, client-fixed, client-adaptive."
+    ),
+    aggregation: str = typer.Option(
+        "factors",
+        help="factors (average the LoRA factors A and B, AdaMix's shared B; not the mean update) or "
+        "frozen-down (exact: the shared A frozen at its common initialisation, only the B experts "
+        "train, FFA-LoRA; = --run-config \"sharing=down freeze-shared=true\").",
     ),
     partitioner: str = typer.Option("iid", help="iid or dirichlet (GLUE only: it skews labels)."),
     alpha: float = typer.Option(
@@ -87,6 +99,8 @@ def federate(
 
         adamix-zoo federate --tasks e2e --clients 4 --run-config "train-limit=4000 eval-limit=200"
 
+        adamix-zoo federate --tasks sst2 --aggregation frozen-down
+
         adamix-zoo federate --clients 20 --fraction-train 0.25 --min-clients 3 --evaluate-every 5
 
     Data-to-text runs train AdaMix-LoRA (rank 4, alpha 32, as the data-to-text recipe) on SmolLM2;
@@ -106,7 +120,9 @@ def federate(
         raise typer.BadParameter(
             "set --data-dir or $ADAMIX_DATA_DIR (the folder holding glue/<task>/ or <task>/)"
         )
-    overrides = {
+    if aggregation not in AGGREGATION:
+        raise typer.BadParameter(f"--aggregation={aggregation!r}: choose one of {', '.join(AGGREGATION)}")
+    overrides = AGGREGATION[aggregation] | {
         "tasks": tasks,
         "num-clients": clients,
         "num-rounds": rounds,

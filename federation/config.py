@@ -33,7 +33,8 @@ PARTITIONERS = ("iid", "dirichlet")
 HEAD_MODES = ("auto", "true", "false")
 # Run-config key -> AdaMixConfig field; the seed is the run's own ``seed``.
 ADAMIX_KEYS = {"kind": "kind", "num-experts": "num_experts", "rank": "rank", "lora-alpha": "alpha",
-               "bottleneck": "bottleneck", "sharing": "sharing", "consistency-weight": "consistency_weight"}
+               "bottleneck": "bottleneck", "sharing": "sharing", "consistency-weight": "consistency_weight",
+               "freeze-shared": "freeze_shared"}  # with sharing=down: exact aggregation (FFA-LoRA)
 
 
 def federation_adamix() -> AdaMixConfig:

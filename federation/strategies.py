@@ -11,6 +11,11 @@ round) is clipped to ``max_norm_ratio`` times the median of the other clients' u
 its ``num-examples`` to ``max_weight_ratio`` times the median of the others' (training and
 evaluation alike). No client-supplied value can end the run: a reply the checks refuse is
 dropped, and a strategy that fails on the rest skips the round.
+
+Every aggregated round also records how far averaging the LoRA factors is from averaging the
+clients' updates (``federation.exactness``). Tensors that must never train (FFA-LoRA's frozen
+shared A) travel, are checked bitwise against what was sent, and are put back into the aggregate
+as sent (so neither rounding, a server optimizer nor DP noise moves them).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from federation import exactness
 from federation.config import FederationConfig
 from federation.records import Spec, check_record
 
@@ -71,6 +77,9 @@ class RoundLog:
     client_seconds: dict[int, list[float]] = field(
         default_factory=dict
     )  # round -> clients' whole handler times (loop + set-up + packing)
+    aggregation_error: dict[int, dict[str, float]] = field(
+        default_factory=dict
+    )  # round -> mean / max over LoRA projections of the factor-averaging relative error
 
     @property
     def aggregated_rounds(self) -> list[int]:
@@ -93,6 +102,7 @@ class RoundLog:
             "round_eval_phase_seconds": self.eval_seconds,
             "client_train_seconds": self.train_seconds,
             "client_handler_seconds": self.client_seconds,
+            "aggregation_relative_error": self.aggregation_error,
         }
 
 
@@ -152,16 +162,22 @@ class ValidatingStrategy(Strategy):
         evaluates: whether a round runs federated evaluation (default: every round).
         node_wait: seconds a round waits for ``min_valid`` connected clients before it is
             skipped (Flower's sampling would wait for them forever).
+        frozen: names of tensors no client may change (a reply that changed one is rejected).
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
                  max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0,
-                 evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0) -> None:
+                 evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0,
+                 frozen: Iterable[str] = ()) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
         self.max_norm_ratio, self.max_weight_ratio = max_norm_ratio, max_weight_ratio
         self.evaluates, self.node_wait = evaluates or (lambda _: True), node_wait
+        self.frozen = sorted(frozen)
+        if not set(self.frozen) <= set(spec):
+            raise ValueError(f"frozen tensors not in the spec: {sorted(set(self.frozen) - set(spec))[:3]}")
+        self.projections = exactness.lora_projections(spec)
         self.log = RoundLog()
         self._sent_at: dict[int, float] = {}
         self._eval_sent_at: dict[int, float] = {}
@@ -212,7 +228,7 @@ class ValidatingStrategy(Strategy):
         """The replies that pass validation; each rejected one is logged with its reason."""
         good, rejected = [], self.log.rejected.setdefault(server_round, [])
         for msg in replies:
-            problem = reply_problem(msg, self.spec)
+            problem = reply_problem(msg, self.spec) or self._frozen_problem(server_round, msg)
             if problem is None:
                 good.append(msg)
                 continue
@@ -222,6 +238,15 @@ class ValidatingStrategy(Strategy):
                 WARNING, "round %d: rejected the update of node %d: %s", server_round, node, problem
             )
         return good
+
+    def _frozen_problem(self, server_round: int, msg: Message) -> str | None:
+        """Which frozen tensors a (well-formed) reply changed from those sent, or None."""
+        sent = self._sent.get(server_round)
+        if sent is None:
+            return None
+        changed = [n for n in self.frozen
+                   if not np.array_equal(msg.content[ARRAYS_KEY][n].numpy(), sent[n].numpy())]
+        return f"changed {len(changed)} frozen tensors (first: {changed[:2]})" if changed else None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -241,6 +266,7 @@ class ValidatingStrategy(Strategy):
                 server_round, f"{len(good)} valid updates < min-clients={self.min_valid}"
             )
         self._bound(server_round, good)
+        error = self._factor_averaging_error(good)  # before a DP wrapper clips the replies in place
         try:
             arrays, metrics = self.inner.aggregate_train(server_round, good)
         except InconsistentMessageReplies as err:
@@ -249,12 +275,32 @@ class ValidatingStrategy(Strategy):
             return self._skip(server_round, f"the strategy failed on the replies: {err!r}")
         if arrays is None:
             return self._skip(server_round, "the strategy produced no aggregate")
-        arrays = self._as_spec_dtypes(arrays)
+        arrays = self._as_spec_dtypes(self._with_frozen(server_round, arrays))
         problems = check_record(arrays, self.spec)
         if problems:
             return self._skip(server_round, "corrupted aggregate: " + "; ".join(problems))
-        log(INFO, "round %d: aggregated %d valid updates", server_round, len(good))
+        if error is not None:
+            self.log.aggregation_error[server_round] = error
+            log(INFO, "round %d: aggregated %d valid updates; dW relative error of factor averaging: "
+                "mean %.3g, max %.3g", server_round, len(good), error["mean"], error["max"])
+        else:
+            log(INFO, "round %d: aggregated %d valid updates", server_round, len(good))
         return arrays, metrics
+
+    def _with_frozen(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate with every frozen tensor exactly as sent this round."""
+        sent = self._sent.get(server_round)
+        if not self.frozen or sent is None:
+            return arrays
+        return ArrayRecord({k: sent[k] if k in self.frozen else v for k, v in arrays.items()})
+
+    def _factor_averaging_error(self, replies: list[Message]) -> dict[str, float] | None:
+        """Mean and max over the LoRA projections of the replies' factor-averaging relative error
+        (``federation.exactness``); None without LoRA projections."""
+        names = [n for p in self.projections for n in (p.a, p.b)]
+        updates = [{n: m.content[ARRAYS_KEY][n].numpy() for n in names} for m in replies]
+        weights = [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
+        return exactness.summary(exactness.relative_errors(updates, weights, self.projections))
 
     def _bound(self, server_round: int, replies: list[Message]) -> None:
         """Clip, in place, each reply's update norm and ``num-examples`` against the others'."""
@@ -383,8 +429,9 @@ def _with_dp(cfg: FederationConfig, base: Strategy) -> Strategy:
 
 
 def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
+    frozen = exactness.frozen_names(spec, cfg.adamix)
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
-                              evaluates=cfg.evaluates, node_wait=cfg.round_timeout)
+                              evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen)
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:

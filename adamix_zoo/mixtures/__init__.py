@@ -25,6 +25,7 @@ def build_layer(base_layer: nn.Module, config: AdaMixConfig, router: Router) -> 
             dropout=config.dropout,
             router=router,
             expert_init=config.expert_init,
+            freeze_shared=config.freeze_shared,
         )
     return MixtureOfAdapters(
         base_layer,

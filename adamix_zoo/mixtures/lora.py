@@ -2,7 +2,9 @@
 
 Expert k adds ``scale * B_k A_k x`` to ``W x`` with A_k: (r, d_in), B_k: (d_out, r). The experts of a
 projection are stacked into one parameter, (K, r, d_in) for A and (K, d_out, r) for B; a shared
-projection has K=1. With K=1 everywhere this is exactly PEFT's LoRA.
+projection has K=1. With K=1 everywhere this is exactly PEFT's LoRA. ``freeze_shared`` (with A
+shared) keeps A at its initialisation and trains only the B experts (FFA-LoRA, Sun et al., ICLR
+2024): each expert's update ``scale * B_k A`` is then linear in what trains.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adamix_zoo.routing import Router, grouped_delta, routed_linear
+
+# Parameter names of the stacked factors (what the federation pairs up and averages).
+LORA_A, LORA_B = "adamix_lora_A", "adamix_lora_B"
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
@@ -39,8 +44,11 @@ class MixtureOfLoRA(nn.Module):
         dropout: float,
         router: Router,
         expert_init: str = "identical",
+        freeze_shared: bool = False,
     ) -> None:
         super().__init__()
+        if freeze_shared and sharing != "down":
+            raise ValueError(f"freeze_shared freezes the shared A: it needs sharing='down', got {sharing!r}")
         d_in, d_out, self.fan_in_fan_out = linear_dims(base_layer)
         self.base_layer = base_layer
         self.scale = alpha / rank
@@ -59,6 +67,7 @@ class MixtureOfLoRA(nn.Module):
             nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
         if expert_init == "identical":
             self.adamix_lora_A.data[1:] = self.adamix_lora_A.data[:1]
+        self.adamix_lora_A.requires_grad_(not freeze_shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -78,7 +87,7 @@ class MixtureOfLoRA(nn.Module):
     @torch.no_grad()
     def merge_experts(self) -> None:
         """Average the experts in place: A = mean_k A_k, B = mean_k B_k (K becomes 1)."""
-        for name in ("adamix_lora_A", "adamix_lora_B"):
+        for name in (LORA_A, LORA_B):
             param = getattr(self, name)
             merged = nn.Parameter(param.mean(dim=0, keepdim=True), requires_grad=param.requires_grad)
             setattr(self, name, merged)
