@@ -83,10 +83,10 @@ QUICK = {"rounds": 2, "local_steps": 3, "batch_size": 8, "train_limit": 2000, "e
 FED_GRID = [{"server_momentum": m, "learning_rate": lr} for m in (0.0, 0.6, 0.9) for lr in (1e-3, 2e-3)]
 CENTRAL_GRID = [{"learning_rate": lr} for lr in (1e-3, 2e-3)]
 SELECT_SEED, REPORT_SEEDS, GENERATION_SEEDS = 0, (0, 1, 2), (0,)
-# Run-config overrides of the exact-aggregation mode (frozen shared down-projection), filled in by
-# the change that adds it to the federation; while empty, or naming keys FederationConfig lacks,
-# the exact runs are skipped and their keys are None.
-EXACT_MODE: dict[str, Any] = {}
+# Run-config overrides of the exact-aggregation mode: FFA-LoRA's frozen shared down-projection
+# (``adamix-zoo federate --aggregation frozen-down``); while empty, or naming keys FederationConfig
+# lacks, the exact runs are skipped and their keys are None.
+EXACT_MODE: dict[str, Any] = {"sharing": "down", "freeze-shared": True}
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -235,16 +235,12 @@ def overhead(log: dict) -> dict[str, float]:
 
 
 def last_round_error(log: dict) -> float | None:
-    """The hook for the aggregation-error measurement: ``aggregation_relative_error`` of the last
-    logged round, a number or {projection: number} (averaged); None when the log has none."""
+    """``aggregation_relative_error`` of the last aggregated round: its mean over LoRA projections
+    (the round log keeps {"mean", "max"} per round); None when the log has none."""
     errors = log.get("aggregation_relative_error")
     if not errors:
         return None
-    last = errors[max(errors, key=int)] if isinstance(errors, dict) else errors
-    if isinstance(last, dict):
-        values = [float(v) for v in last.values() if isinstance(v, (int, float))]
-        return statistics.fmean(values) if values else None
-    return float(last)
+    return float(errors[max(errors, key=int)]["mean"])
 
 
 def exact_mode() -> dict[str, Any] | None:
