@@ -562,6 +562,14 @@ def report(results: dict) -> None:
                             for k, v in beside["bare_forward_one_row_ms"].items())
                 + ".",
                 "",
+                "Why latency collapses beside a busy job: an intra-op parallel region waits for every thread "
+                "of its team, and beside a job that keeps every core busy some of those threads wait for the "
+                "scheduler, so each of a forward's hundreds of regions costs a time slice. The team, not the "
+                "server, is what collapses: the bare forward above with a thread per core against one thread. "
+                "`adamix-zoo serve` therefore runs its forward passes on all cores but one with passive "
+                "OpenMP waits (`--threads` to change it), so it degrades in proportion to the CPU it gets "
+                "(the ratios below).",
+                "",
                 "Latency as clients see it (ms, p50 / p99; requests of 1-4 inputs for random tasks, each "
                 "setting on a fresh server; beside training = beside the training job above):",
                 "",
