@@ -17,8 +17,10 @@ Latency: ``adamix-zoo serve`` in a subprocess on 127.0.0.1, concurrent clients s
 for random tasks; p50/p99 are measured inside the server (request in -> response out). The latency
 matrix (``latency_matrix_ms``): client-side p50/p99 for 1, 16 and 64 concurrent clients, idle and beside
 a training job (``p99_ms_64_clients`` is its idle 64-client p99).
-- bf16: the same mixed batch on a bfloat16 engine (``bf16_vs_fp32_throughput_ratio``, the share of
-  rows whose label equals float32's: ``bf16_argmax_agreement``, and bf16 mixed vs single task).
+- bf16: the same mixed batch on a bfloat16 engine (``bf16_vs_fp32_throughput_ratio``, bf16 mixed vs
+  single task); the share of all SST-2 dev sentences whose label equals float32's
+  (``bf16_argmax_agreement``), and greedy generations of SmolLM2-135M with a random LoRA on E2E dev
+  MRs against float32's (``bf16_generation_exact_match``, ``bf16_generation_prefix_agreement``).
 - one row: the bare backbone forward of one sentence (``bare_forward_one_row_ms``), one client
   sending one-row requests one after another to an otherwise idle server
   (``idle_single_request_p50_ms``), and the same beside an ``adamix-zoo train`` job this benchmark
@@ -190,15 +192,80 @@ def throughput(
     runs["bare_one_row"] = lambda: engine.backbone(**one)
     with torch.inference_mode():
         seconds = interleaved_medians(runs, repeats, device)
-        labels = [p.label for p in engine.predict(mixed, texts[:batch_size])]
     del backbone
     return {
-        "labels": labels,
         "seconds": seconds,
         "rows_per_s": {k: batch_size / v for k, v in seconds.items() if k != "bare_one_row"},
         "tokens_per_batch": int(batch["attention_mask"].sum()),
         "padded_length": batch["input_ids"].shape[1],
     }
+
+
+# -- bf16 against fp32 --------------------------------------------------------------------------------------
+E2E = DATA_DIR / "e2e" / "validation.jsonl"
+AGREEMENT_MRS, AGREEMENT_TOKENS = 50, 32
+
+
+def classification_agreement(folders: list[Path], device: str) -> float:
+    """Share of SST-2 dev sentences (all of them, tasks in turn) whose label bf16 and fp32 agree on."""
+    from adamix_zoo.serving import ServingEngine
+
+    texts = [json.loads(line)["sentence"] for line in SST2.read_text().splitlines()]
+    tasks = [f"task{i % NUM_TASKS}" for i in range(len(texts))]
+    labels = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = ServingEngine.from_pretrained("minilm-l6", device=device, capacity=NUM_TASKS, dtype=dtype)
+        for folder in folders:
+            engine.attach(folder)
+        labels[dtype] = [p.label for s in range(0, len(texts), 64)
+                         for p in engine.predict(tasks[s : s + 64], texts[s : s + 64])]
+    return sum(a == b for a, b in zip(*labels.values())) / len(texts)
+
+
+def lm_adapter(root: Path) -> Path:
+    """A generation-task folder for SmolLM2-135M: a random LoRA (r=4, alpha 32, non-zero B) on its
+    default modules, merged, with the data-to-text prompt template."""
+    from transformers import AutoModelForCausalLM
+
+    from adamix_zoo.generation.nlg_tasks import PROMPT_TEMPLATE
+
+    backbone = AutoModelForCausalLM.from_pretrained(resolve_backbone("smollm2-135m"))
+    base_fp = fingerprint(backbone)
+    torch.manual_seed(0)
+    wrapped = AdaMixModel(backbone, AdaMixConfig(kind="lora", num_experts=1, rank=4, alpha=32.0), head_modules=[])
+    with torch.no_grad():
+        for name, p in wrapped.model.named_parameters():
+            if name.endswith("adamix_lora_B"):
+                p.normal_(0, 0.002)
+    folder = save_merged(wrapped, root / "e2e", base_model="smollm2-135m")
+    meta = {"task": "e2e", "version": "1", "problem": "lm", "prompt_template": PROMPT_TEMPLATE,
+            "base_model": {"id": "smollm2-135m", "fingerprint": base_fp}}
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def generation_agreement(root: Path, device: str) -> dict[str, float]:
+    """Greedy generations on AGREEMENT_MRS distinct E2E dev MRs in bf16 against fp32: the share that
+    are identical, and the mean share of tokens before the first difference."""
+    from adamix_zoo.serving import ServingEngine
+
+    mrs = list(dict.fromkeys(json.loads(line)["meaning_representation"] for line in E2E.read_text().splitlines()))
+    mrs = mrs[:AGREEMENT_MRS]
+    folder = lm_adapter(root)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = ServingEngine.from_pretrained("smollm2-135m", device=device, lm=True, dtype=dtype)
+        engine.attach(folder)
+        out[dtype] = [text for s in range(0, len(mrs), 16)
+                      for text in engine.generate("e2e", mrs[s : s + 16], max_new_tokens=AGREEMENT_TOKENS)]
+        tokenizer = engine.tokenizer
+    prefix = []
+    for a, b in zip(out["float32"], out["bfloat16"]):
+        ta, tb = tokenizer(a)["input_ids"], tokenizer(b)["input_ids"]
+        same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+        prefix.append(same / max(len(ta), len(tb), 1))
+    return {"bf16_generation_exact_match": sum(a == b for a, b in zip(out["float32"], out["bfloat16"])) / len(mrs),
+            "bf16_generation_prefix_agreement": statistics.fmean(prefix), "generation_mrs": len(mrs)}
 
 
 # -- server latency --------------------------------------------------------------------------------------
@@ -453,16 +520,18 @@ def run(batch_size: int, repeats: int, clients: int, requests: int, device: str)
         folders = make_adapters(Path(tmp))
         speed = throughput(folders, texts, batch_size, repeats, device)
         bf16 = throughput(folders, texts, batch_size, repeats, device, dtype="bfloat16")
+        agreement = classification_agreement(folders, device)
+        generation = generation_agreement(Path(tmp), device)
         load = latency(folders, texts, clients, requests, batch_size, device)
         idle_study = threading_study(folders, texts, requests * 2, device)
         beside = contended(folders, texts, requests * 2, device, Path(tmp))
         matrix = latency_matrix(folders, texts, batch_size, device, Path(tmp))
     rows, rows16 = speed["rows_per_s"], bf16["rows_per_s"]
     server_ms = load["server"]["latency_ms"]
-    agree = sum(a == b for a, b in zip(speed["labels"], bf16["labels"])) / len(speed["labels"])
     return {
         "bf16_vs_fp32_throughput_ratio": rows16["mixed"] / rows["mixed"],
-        "bf16_argmax_agreement": agree,
+        "bf16_argmax_agreement": agreement,
+        **generation,
         "mixed_vs_single_task_throughput_ratio_bf16": rows16["mixed"] / rows16["single"],
         "bare_forward_one_row_ms": speed["seconds"]["bare_one_row"] * 1000,
         "idle_single_request_p50_ms": load.pop("idle_single_request_p50_ms"),
@@ -539,8 +608,11 @@ def report(results: dict) -> None:
                 f"{results['latency_p99_ms']:.1f} ms; {load['requests_per_s']:.1f} requests/s, {load['errors']} errors.",
                 "",
                 f"bfloat16: {results['bf16_vs_fp32_throughput_ratio']:.2f}x float32's mixed-batch throughput, "
-                f"argmax agreement {results['bf16_argmax_agreement']:.3f}, mixed vs single task "
-                f"{results['mixed_vs_single_task_throughput_ratio_bf16']:.3f}.",
+                f"argmax agreement on all SST-2 dev sentences {results['bf16_argmax_agreement']:.3f}, mixed vs "
+                f"single task {results['mixed_vs_single_task_throughput_ratio_bf16']:.3f}; greedy generations "
+                f"(SmolLM2-135M, a random LoRA, {results['generation_mrs']} E2E dev MRs, {AGREEMENT_TOKENS} "
+                f"tokens) identical to float32's: {results['bf16_generation_exact_match']:.2f}, tokens before "
+                f"the first difference: {results['bf16_generation_prefix_agreement']:.2f}.",
                 "",
                 f"One row: bare forward {results['bare_forward_one_row_ms']:.1f} ms; one-row request p50 idle "
                 f"{results['idle_single_request_p50_ms']:.1f} ms, beside the training job "
