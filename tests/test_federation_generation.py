@@ -33,7 +33,7 @@ from federation.server_app import run_federation
 from federation.task import family_of, partition, pretrained_backbone
 from registry import Store
 from tests.test_federation_app import train_replies, weighted_mean
-from tests.test_federation_support import InProcessGrid
+from tests.test_federation_support import InProcessGrid, tiny_run_config
 from tests.test_serving_generation import ANY_TASK, WORDS, lm_backbone, make_lm_task
 from tests.tiny import tiny_tokenizer
 
@@ -76,23 +76,9 @@ def lm_env(tmp_path: Path) -> Path:
 
 
 def lm_run_config(tmp: Path, **overrides) -> dict:
-    base = {
-        "tasks": "e2e",
-        "backbone": str(tmp / "backbone"),
-        "data-dir": str(tmp / "data"),
-        "num-clients": 2,
-        "min-clients": 2,
-        "num-rounds": 2,
-        "local-steps": 2,
-        "batch-size": 8,
-        "max-length": 16,
-        "num-experts": 2,
-        "eval-limit": 6,
-        "max-new-tokens": 6,
-        "output-dir": str(tmp / "out"),
-        "registry-dir": str(tmp / "zoo"),
-        "round-timeout": 60.0,
-    }
+    """The tiny GLUE run config on the data-to-text task: 2 clients, the family's rank, short outputs."""
+    base = tiny_run_config(tmp, tasks="e2e", **{"num-clients": 2, "eval-limit": 6, "max-new-tokens": 6})
+    del base["rank"]  # the data-to-text family's default
     return base | overrides
 
 
