@@ -4,7 +4,8 @@ all-MiniLM-L6-v2 on rte, mrpc, stsb, sst2 (full train splits, full dev sets); me
 adapter, adamix-lora, adamix-adapter. Stages, run in this order and each resumable (every finished
 run is one line of bench/results/fidelity_runs.jsonl, keyed by its settings and the protocol hash):
 
-1. ``grid``: learning rates per method from LR_GRID, seed GRID_SEED, 1x budget; the rate with the
+1. ``grid``: learning rates per method from LR_GRID (widened past an edge while the best rate sits
+   on it), seed GRID_SEED, 1x budget; the rate with the
    best task average is chosen for that method (and its AdaMix variant shares the grid, not the pick).
 2. ``report``: REPORT_SEEDS at the chosen rates, every method at 1x (BASE_STEPS) and the AdaMix
    methods plus lora / adapter (the control for "more steps") at 2x.
@@ -72,6 +73,7 @@ LR_GRID = {
     "adapter": (5e-4, 1e-3, 2e-3),
     "adamix-adapter": (5e-4, 1e-3, 2e-3),
 }
+MAX_GRID_WIDENING = 2  # extra rates past the grid's edges, in all, per method
 QUICK = {"train_subset": 200, "validation_subset": 64, "max_length": 64}
 # One choice changed at a time against the library default (lr 1e-3): name -> (method, changes).
 ABLATION_TASKS = ("stsb", "sst2")
@@ -224,20 +226,46 @@ def _find(done: dict[str, dict[str, Any]], *args: Any) -> dict[str, Any] | None:
 
 
 # -- stages ----------------------------------------------------------------------------------------
-def grid_jobs(tasks: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
-    return [spec(t, m, GRID_SEED, lr, steps) for m in METHODS for lr in LR_GRID[m] for t in tasks]
+def _grid_averages(done, method: str, lrs: list[float], tasks: tuple[str, ...], steps: int) -> dict[float, float]:
+    """Task averages on GRID_SEED of the rates whose runs on every task are done."""
+    averages = {}
+    for lr in lrs:
+        scores = [r["score"] for t in tasks if (r := _find(done, t, method, GRID_SEED, lr, steps))]
+        if len(scores) == len(tasks):
+            averages[lr] = _mean(scores)
+    return averages
+
+
+def lr_grid(done, method: str, tasks: tuple[str, ...], steps: int) -> list[float]:
+    """LR_GRID[method], widened by a factor 2 past an edge while the best rate sits on it (at most
+    MAX_GRID_WIDENING times a side): a choice at the grid's edge may not be the best rate."""
+    grid = list(LR_GRID[method])
+    for _ in range(2 * MAX_GRID_WIDENING):
+        averages = _grid_averages(done, method, grid, tasks, steps)
+        if len(averages) < len(grid):
+            break
+        best = max(averages, key=averages.get)
+        widened = sum(lr not in LR_GRID[method] for lr in grid)
+        if best == grid[-1] and widened < MAX_GRID_WIDENING:
+            grid.append(grid[-1] * 2)
+        elif best == grid[0] and widened < MAX_GRID_WIDENING:
+            grid.insert(0, grid[0] / 2)
+        else:
+            break
+    return grid
+
+
+def grid_jobs(done, tasks: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
+    return [spec(t, m, GRID_SEED, lr, steps) for m in METHODS for lr in lr_grid(done, m, tasks, steps) for t in tasks]
 
 
 def chosen_lr(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], steps: int) -> dict[str, float]:
     """Per method, the grid rate with the best task average on GRID_SEED (complete grids only)."""
     chosen = {}
     for method in METHODS:
-        averages = {}
-        for lr in LR_GRID[method]:
-            scores = [r["score"] for t in tasks if (r := _find(done, t, method, GRID_SEED, lr, steps))]
-            if len(scores) == len(tasks):
-                averages[lr] = _mean(scores)
-        if len(averages) == len(LR_GRID[method]):
+        grid = lr_grid(done, method, tasks, steps)
+        averages = _grid_averages(done, method, grid, tasks, steps)
+        if len(averages) == len(grid):
             chosen[method] = max(averages, key=averages.get)
     return chosen
 
@@ -344,7 +372,7 @@ def fmt(v: float | None) -> str:
 def grid_table(done, tasks, steps: int) -> str:
     rows = []
     for method in METHODS:
-        for lr in LR_GRID[method]:
+        for lr in lr_grid(done, method, tasks, steps):
             vals = [(r["score"] if (r := _find(done, t, method, GRID_SEED, lr, steps)) else None) for t in tasks]
             rows.append([method, f"{lr:g}", *map(fmt, vals),
                          fmt(_mean(vals) if None not in vals else None)])
@@ -430,7 +458,8 @@ batch {protocol['batch_size']}, max length {protocol['max_length']}, 1x = {steps
 (6% warmup, linear decay), {EVALS_PER_RUN} dev evaluations per run keeping the best, head lr
 {protocol['head_lr']:g}, bf16 autocast. Library defaults otherwise: AdaMix K=4, per-row routing,
 identical expert init, consistency weight 1, LoRA r=8 alpha 16 on query/value, adapters bottleneck 16
-after each FFN. Learning rates: grid {json.dumps({m: list(v) for m, v in LR_GRID.items()})} on seed
+after each FFN. Learning rates: grid {json.dumps({m: lr_grid(done, m, tasks, steps) for m in METHODS})} (widened
+by 2x past an edge while the best rate sits on it) on seed
 {GRID_SEED} at 1x; chosen (best task average): {chosen}; reported on seeds {', '.join(map(str, seeds))}.
 Scores x100: accuracy (rte, sst2), F1 (mrpc), Pearson (stsb).
 
@@ -461,7 +490,7 @@ def write_report(done, protocol, tasks, seeds, steps: int, quick: bool) -> dict[
     lrs = chosen_lr(done, tasks, steps)
     summary = summarize(done, tasks, seeds, lrs, steps)
     cpu_total = sum(r["cpu_s"] for r in done.values() if r["variant"] is None)
-    results = summary | {"protocol": protocol, "protocol_id": protocol_id(protocol), "lr_grid": LR_GRID,
+    results = summary | {"protocol": protocol, "protocol_id": protocol_id(protocol), "lr_grid": {m: lr_grid(done, m, tasks, steps) for m in METHODS},
                          "lr": lrs, "tasks": list(tasks), "seeds": list(seeds), "grid_seed": GRID_SEED,
                          "steps_1x": steps, "runs": sum(r["variant"] is None for r in done.values()),
                          "cpu_hours": cpu_total / 3600, "machine": machine(),
@@ -503,7 +532,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             execute(ablation_jobs(ABLATION_TASKS, steps), protocol, opts.data_dir, opts.workers, done, log)
         else:
             if opts.stage in ("grid", "all"):
-                execute(grid_jobs(tasks, steps), protocol, opts.data_dir, opts.workers, done, log)
+                while jobs := [j for j in grid_jobs(done, tasks, steps) if run_key(j) not in done]:
+                    execute(jobs, protocol, opts.data_dir, opts.workers, done, log)  # may widen the grid
             lrs = chosen_lr(done, tasks, steps)
             if opts.stage in ("report", "all"):
                 execute(report_jobs(tasks, seeds, lrs, steps), protocol, opts.data_dir, opts.workers, done, log)
