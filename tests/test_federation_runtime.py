@@ -105,9 +105,12 @@ def test_twenty_client_simulation_samples_a_fraction_and_survives_crashes(tiny_e
 
 
 MARKER = "ADAMIX_SIGNAL_TEST"
+# SIGINT as in a terminal: a shell without job control starts background jobs with SIGINT ignored,
+# and the child would inherit that.
 HOLD_FEDERATION = """
-import sys, time
+import signal, sys, time
 from federation.runtime import LocalFederation
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with LocalFederation(simulation=False) as fed:
     for pid in range(2):
         fed.add_supernode(pid, 2)
@@ -128,6 +131,17 @@ def marked_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+def command_lines(marker: str) -> str:
+    """The command lines of ``marked_processes``, one string (a process may end while it is read)."""
+    lines = []
+    for proc in marked_processes(marker):
+        try:
+            lines.append(" ".join(proc.cmdline()))
+        except psutil.Error:  # exited (or a zombie) since it was found
+            pass
+    return " ".join(lines)
+
+
 def wait_until(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -142,11 +156,10 @@ def test_a_signal_stops_every_process_a_local_federation_started(tmp_path, signu
     child = subprocess.Popen([sys.executable, "-c", HOLD_FEDERATION], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        names = lambda: " ".join(" ".join(p.cmdline()) for p in marked_processes(marker))  # noqa: E731
-        wait_until(lambda: names().count("flower-supernode") >= 2 and "flower-superlink" in names(), 60,
-                   "the SuperLink and two SuperNodes")
+        wait_until(lambda: command_lines(marker).count("flower-supernode") >= 2
+                   and "flower-superlink" in command_lines(marker), 60, "the SuperLink and two SuperNodes")
         child.send_signal(signum)
-        assert child.wait(timeout=60) == (143 if signum == signal.SIGTERM else -signal.SIGINT)
+        assert child.wait(timeout=120) == (143 if signum == signal.SIGTERM else -signal.SIGINT)
         wait_until(lambda: marked_processes(marker) == [], 20, "the Flower processes to stop")
     finally:
         child.kill()
@@ -162,8 +175,7 @@ def test_sigterm_of_the_federate_command_mid_run_stops_the_simulation(tiny_env):
            "--output-dir", str(tiny_env / "out"), "--no-publish", "--run-config", "num-experts=2 rank=2"]
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # Ray's actors run the ClientApps: the run is under way
-        wait_until(lambda: "ClientAppActor" in " ".join(" ".join(p.cmdline()) for p in marked_processes(marker)),
-                   240, "the simulation's client actors")
+        wait_until(lambda: "ClientAppActor" in command_lines(marker), 240, "the simulation's client actors")
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=60) == 143
         wait_until(lambda: marked_processes(marker) == [], 30, "the Flower and Ray processes to stop")
