@@ -23,6 +23,7 @@ from adamix_zoo.config import AdaMixConfig
 from adamix_zoo.generation.nlg_tasks import NLG_TASKS
 from adamix_zoo.generation.objective import generation_adamix
 from adamix_zoo.glue_tasks import TASKS as GLUE_TASKS, get_task
+from adamix_zoo.runtime import PRECISIONS
 
 # FedAvg-family aggregation, robust aggregation, and server-side optimizers (FedOpt: Reddi et al.).
 STRATEGIES = (
@@ -199,6 +200,11 @@ class FederationConfig:
         default=0.1, metadata={"help": "DP Gaussian noise multiplier."}
     )
     dp_clipping_norm: float = field(default=1.0, metadata={"help": "DP (initial) clipping norm."})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "Clients' training precision: auto (bf16 autocast where bf16 is fast: CUDA, CPUs "
+                  "with AMX / AVX-512 bf16; as the training recipes), bf16 or fp32."},
+    )
     round_timeout: float = field(
         default=600.0,
         metadata={
@@ -247,6 +253,7 @@ class FederationConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("dp", self.dp, DP_MODES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("precision", self.precision, PRECISIONS)
         _choice("federate-head", str(self.federate_head).lower(), HEAD_MODES)
         self._check_family()
         for name in ("num_clients", "min_clients", "num_rounds", "local_steps", "batch_size",

@@ -28,7 +28,7 @@ from adamix_zoo.backbones import resolve_backbone
 from adamix_zoo.loop import LossFn, train_steps
 from adamix_zoo.model import AdaMixModel
 from adamix_zoo.optim import make_optimizer
-from adamix_zoo.runtime import select_device
+from adamix_zoo.runtime import resolve_precision, select_device
 from federation.config import FederationConfig
 from federation.records import HEAD_PREFIX
 
@@ -279,8 +279,9 @@ class TaskFamily(ABC):
         data = self.batches(cfg, task, examples, seed)
         optimizer = make_optimizer(model, cfg.learning_rate, weight_decay=self.weight_decay)
         start = time.perf_counter()
-        stats = train_steps(model, data, None, cfg.local_steps, optimizer, device=select_device(),
-                            loss_fn=self.loss_fn(model, task))
+        device = select_device()
+        stats = train_steps(model, data, None, cfg.local_steps, optimizer, device=device,
+                            precision=resolve_precision(cfg.precision, device), loss_fn=self.loss_fn(model, task))
         seconds = time.perf_counter() - start
         model.eval()
         return {

@@ -198,3 +198,23 @@ def test_the_client_model_is_built_once_and_reset_to_a_fresh_build(tiny_env):
     for name in theirs:
         torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0, msg=name)
     assert again.backbone.router.generator.get_state().equal(fresh.backbone.router.generator.get_state())
+
+
+def test_clients_train_in_the_run_precision(tiny_env, monkeypatch):
+    from federation import task
+
+    seen = {}
+    real = task.train_steps
+
+    def spy(*args, **kwargs):
+        seen["precision"] = kwargs["precision"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(task, "train_steps", spy)
+    cfg = FederationConfig.from_run_config(tiny_run_config(tiny_env, precision="bf16"))
+    family = task.family_of(cfg)
+    _, examples = family.client_data(cfg, 0, "train")
+    stats = family.train_round(family.client_model(cfg, "sst2"), cfg, "sst2", examples, seed=1)
+    assert seen["precision"] == "bf16" and np.isfinite(stats["train-loss"])
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        FederationConfig(precision="fp8")
