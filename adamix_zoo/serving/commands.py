@@ -194,7 +194,7 @@ def serve(
 
         curl -s localhost:8000/v1/generate -d '{"task": "e2e", "inputs": ["name[Aromi]"]}'
 
-        curl -s localhost:8000/v1/completions -d '{"model": "e2e", "prompt": "name[Aromi]"}'
+        curl -s localhost:8000/v1/completions -d '{"model": "e2e", "prompt": "Data: name[Aromi]\\nText:"}'
 
     OpenAPI docs at http://HOST:PORT/docs; Prometheus metrics at /metrics.
     """
