@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamix_zoo import AdaMixConfig, AdaMixModel, save_merged  # noqa: E402
 from adamix_zoo.backbones import fingerprint, resolve_backbone  # noqa: E402
 from adamix_zoo.formats.files import HEAD_FILE, METADATA_FILE  # noqa: E402
+from adamix_zoo.formats.run_folder import RunFolder  # noqa: E402
 from adamix_zoo.heads import ClassificationHead, save_head  # noqa: E402
 from bench.report import machine, markdown_table, write_json, write_section  # noqa: E402
 
@@ -237,11 +238,7 @@ def lm_adapter(root: Path) -> Path:
         for name, p in wrapped.model.named_parameters():
             if name.endswith("adamix_lora_B"):
                 p.normal_(0, 0.002)
-    folder = save_merged(wrapped, root / "e2e", base_model="smollm2-135m")
-    meta = {"task": "e2e", "version": "1", "problem": "lm", "prompt_template": PROMPT_TEMPLATE,
-            "base_model": {"id": "smollm2-135m", "fingerprint": base_fp}}
-    (folder / METADATA_FILE).write_text(json.dumps(meta))
-    return folder
+    return RunFolder(root / "e2e").save_lm_adapter(wrapped, "smollm2-135m", "e2e", base_fp, PROMPT_TEMPLATE)
 
 
 def generation_agreement(root: Path, device: str) -> dict[str, float]:
