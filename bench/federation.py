@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import statistics
 import sys
@@ -49,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamix_zoo.formats.files import FINAL_METRICS_FILE  # noqa: E402
-from bench.report import RESULTS, machine, markdown_table, write_json, write_section  # noqa: E402
+from bench.report import RESULTS, data_root, machine, markdown_table, write_json, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation.py"
 TARGET_RATIO = 0.95
@@ -115,10 +114,7 @@ def load_runs(pid: str, log: Path) -> dict[str, dict[str, Any]]:
 
 
 def data_dir() -> Path:
-    root = os.environ.get("ADAMIX_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (Path(root) / "glue" / "sst2").is_dir():
-        raise SystemExit(f"no GLUE data under {root}: set ADAMIX_DATA_DIR")
-    return Path(root)
+    return data_root("glue/sst2")
 
 
 def selection_data(p: dict[str, Any], folder: Path) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamix_zoo.formats.files import FINAL_METRICS_FILE  # noqa: E402
-from bench.report import machine  # noqa: E402
+from bench.report import data_root, machine  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation_generation.py"
 TARGET_RATIO = 0.9
@@ -60,10 +59,7 @@ MIXTURE = {"num_experts": 4, "rank": 4, "alpha": 32.0, "consistency_weight": 1.0
 
 
 def data_dir() -> Path:
-    root = os.environ.get("ADAMIX_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (Path(root) / "e2e" / "train.jsonl").is_file():
-        raise SystemExit(f"no E2E data under {root}: set ADAMIX_DATA_DIR")
-    return Path(root)
+    return data_root("e2e/train.jsonl")
 
 
 def total_steps(s: dict[str, Any]) -> int:

@@ -7,6 +7,7 @@ markers, so scripts can re-run independently without clobbering each other's tab
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,6 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nMeasured numbers, each with the command that produced it.\n"
+
+
+def data_root(required: str) -> Path:
+    """$ADAMIX_DATA_DIR, else ../shared/data beside the checkout; exits when ``required`` (a path
+    under it) is missing."""
+    root = Path(os.environ.get("ADAMIX_DATA_DIR") or ROOT.parent / "shared" / "data")
+    if not (root / required).exists():
+        raise SystemExit(f"no {required} under {root}: set ADAMIX_DATA_DIR")
+    return root
 
 
 def machine() -> dict[str, Any]:
