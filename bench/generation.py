@@ -3,8 +3,9 @@
 Stages, in order, each resumable (one line per finished run in bench/results/generation_runs.jsonl,
 keyed by its settings and the protocol hash):
 
-1. ``budget``: LoRA at BUDGETS steps, seed 0. The *levelled* budget N is the smallest whose BLEU is
-   within LEVEL_BLEU of the best.
+1. ``budget``: LoRA at BUDGETS steps, seed 0, doubled past the largest (up to MAX_BUDGET) while the
+   best BLEU is at the largest. The *levelled* budget N is the smallest whose BLEU is within
+   LEVEL_BLEU of the best, with a larger budget run that confirms it.
 2. ``weights``: AdaMix-LoRA at N with each CONSISTENCY_WEIGHTS value (100 is the official GPT-2
    weight), seed 0; the best is kept.
 3. ``report``: REPORT_SEEDS for LoRA at N, and AdaMix-LoRA at N and 2N with the best weight and at
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import RESULTS, machine, markdown_table, write_json, write_section  # noqa: E402
 
 BUDGETS = (150, 300, 600)
+MAX_BUDGET = 2400
 LEVEL_BLEU = 0.5
 CONSISTENCY_WEIGHTS = (1.0, 10.0, 100.0)
 OFFICIAL_WEIGHT = 100.0
@@ -43,10 +45,11 @@ SEARCH_SEED = 0
 REPORT_SEEDS = (1, 2, 3)
 EVAL_MRS = 200
 # The official NLG setup (LoRA on q and v, r=4, alpha=32, cross-entropy on the first pass, token-masked
-# consistency) with K=4 experts, bf16 autocast; 8,000 training pairs cover 2 x 600 steps of 8.
+# consistency) with K=4 experts, bf16 autocast; the whole E2E train split (42,061 pairs), so that no
+# budget up to AdaMix's 2 x MAX_BUDGET steps of 8 repeats much data.
 PROTOCOL: dict[str, Any] = {
     "task": "e2e", "backbone": "smollm2-135m", "rank": 4, "alpha": 32.0, "num_experts": 4,
-    "sharing": "up", "train_size": 8000, "eval_size": EVAL_MRS, "max_length": 64, "batch_size": 8,
+    "sharing": "up", "train_size": 42061, "eval_size": EVAL_MRS, "max_length": 64, "batch_size": 8,
     "lr": 2e-3, "max_new_tokens": 40, "num_beams": 1, "precision": "bf16",
 }
 QUICK = {"train_size": 32, "eval_size": 4, "max_new_tokens": 16}
@@ -113,11 +116,26 @@ def execute(jobs, protocol, data_dir, workers: int, done: dict[str, dict[str, An
             record(future.result())
 
 
+def lora_budgets(done) -> list[int]:
+    """BUDGETS and every larger LoRA budget already run on the search seed."""
+    ran = {r["steps"] for r in done.values() if r["method"] == "lora" and r["seed"] == SEARCH_SEED}
+    return sorted(set(BUDGETS) | ran)
+
+
 def levelled_budget(done) -> int | None:
-    bleu = {n: r["bleu"] for n in BUDGETS if (r := done.get(key(job("lora", SEARCH_SEED, n))))}
-    if len(bleu) < len(BUDGETS):
+    """The smallest budget within LEVEL_BLEU of the best, once a larger run confirms it (or
+    MAX_BUDGET is reached); None: a budget is still to run (``next_budget``)."""
+    budgets = lora_budgets(done)
+    bleu = {n: r["bleu"] for n in budgets if (r := done.get(key(job("lora", SEARCH_SEED, n))))}
+    if len(bleu) < len(budgets):
         return None
-    return min(n for n in BUDGETS if bleu[n] >= max(bleu.values()) - LEVEL_BLEU)
+    levelled = min(n for n in budgets if bleu[n] >= max(bleu.values()) - LEVEL_BLEU)
+    return levelled if levelled < budgets[-1] or budgets[-1] >= MAX_BUDGET else None
+
+
+def next_budget(done) -> int:
+    """The budget to run after the largest so far (its BLEU was still the best)."""
+    return 2 * lora_budgets(done)[-1]
 
 
 def best_weight(done, budget: int) -> float | None:
@@ -167,7 +185,8 @@ def report(done, summary: dict[str, Any]) -> None:
         f"AdaMix K={p['num_experts']} (B shared, per-row routing, identical init, cross-entropy on the first "
         f"pass); greedy decoding of {p['max_new_tokens']} tokens on {EVAL_MRS} distinct validation MRs, "
         "scored against all their references (sacrebleu BLEU, ROUGE-L, NIST). LoRA's budget is where its "
-        f"seed-{SEARCH_SEED} BLEU levels off among {BUDGETS} steps (within {LEVEL_BLEU} BLEU of the best); "
+        f"seed-{SEARCH_SEED} BLEU levels off among {lora_budgets(done)} steps (within {LEVEL_BLEU} BLEU of the "
+        f"best, confirmed by a larger budget; {BUDGETS} doubled while the largest was best, up to {MAX_BUDGET}); "
         f"AdaMix's consistency weight is the best of {CONSISTENCY_WEIGHTS} at that budget on seed {SEARCH_SEED}; "
         f"reported on seeds {', '.join(map(str, REPORT_SEEDS))}.",
         "",
@@ -193,7 +212,8 @@ def main() -> None:
     done = load_runs(protocol_id(PROTOCOL))
     if not args.report_only:
         execute([job("lora", SEARCH_SEED, n) for n in BUDGETS], PROTOCOL, args.data_dir, args.workers, done)
-        budget = levelled_budget(done)
+        while (budget := levelled_budget(done)) is None:
+            execute([job("lora", SEARCH_SEED, next_budget(done))], PROTOCOL, args.data_dir, args.workers, done)
         execute([job("adamix-lora", SEARCH_SEED, budget, w) for w in CONSISTENCY_WEIGHTS],
                 PROTOCOL, args.data_dir, args.workers, done)
         execute(report_jobs(budget, best_weight(done, budget)), PROTOCOL, args.data_dir, args.workers, done)

@@ -3,7 +3,8 @@
 A train message carries the global experts (``arrays``: only ``adamix_*`` tensors, plus ``head.*``
 when the head is federated) and ``config`` (``server-round``). The client loads them into its own
 model on the frozen backbone, trains ``local-steps`` steps with stochastic routing and the
-consistency loss, and replies with the same tensor names, ``num-examples`` and metrics.
+consistency loss, and replies with the same tensor names, ``num-examples`` and metrics. A client
+of a smaller LoRA rank (``client-ranks``) trains and replies at its rank (``federation.ranks``).
 A head that is not federated (multi-task GLUE runs) stays on the client, in the run's
 ``Context.state``. What a model, its data and its training are depends on the run's task family
 (``federation.task.family_of``: GLUE classification or data-to-text generation).
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
+from federation import ranks
 from federation.config import FederationConfig
 from federation.mods import fault_mod, timing_mod
 from federation.records import from_record, to_record
@@ -60,11 +62,12 @@ def settings(context: Context) -> tuple[FederationConfig, int]:
 def _model(
     family: TaskFamily, cfg: FederationConfig, pid: int, task: str, context: Context, arrays: ArrayRecord
 ) -> torch.nn.Module:
-    """This client's model: received experts (and head), or its own head from the run's state."""
+    """This client's model (at its own rank, ``cfg`` being ``ranks.client_config``): the received
+    experts truncated to that rank (and head), or its own head from the run's state."""
     model = family.client_model(cfg, task, head_seed=cfg.seed + 1 + pid if cfg.local_head else None)
     if cfg.local_head and LOCAL_HEAD in context.state.array_records:
         family.load_head_state(model, from_record(context.state[LOCAL_HEAD]))
-    family.load_shared_state(model, from_record(arrays))
+    family.load_shared_state(model, ranks.truncate(from_record(arrays), cfg.adamix.rank))
     return model
 
 
@@ -73,6 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, pid = settings(context)
     family = family_of(cfg)
     task, examples = family.client_data(cfg, pid, "train")
+    cfg = ranks.client_config(cfg, pid)
     model = _model(family, cfg, pid, task, context, msg.content[ARRAYS_KEY])
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + pid  # distinct per client and round
@@ -89,7 +93,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid = settings(context)
     family = family_of(cfg)
     task, examples = family.client_data(cfg, pid, "validation")
-    model = _model(family, cfg, pid, task, context, msg.content[ARRAYS_KEY])
+    model = _model(family, ranks.client_config(cfg, pid), pid, task, context, msg.content[ARRAYS_KEY])
     scores = family.evaluate(cfg, task, model, examples)
     config = msg.content[CONFIG_KEY]
     if cfg.local_head and HEAD_DIR in config and int(config["server-round"]) == cfg.num_rounds:

@@ -12,6 +12,7 @@ import typer
 AGGREGATION: dict[str, dict[str, object]] = {
     "factors": {},
     "frozen-down": {"sharing": "down", "freeze-shared": True},
+    "svd": {"aggregation": "svd"},
 }
 
 
@@ -55,7 +56,9 @@ def federate(
         "factors",
         help="factors (average the LoRA factors A and B, AdaMix's shared B; not the mean update) or "
         "frozen-down (exact: the shared A frozen at its common initialisation, only the B experts "
-        "train, FFA-LoRA; = --run-config \"sharing=down freeze-shared=true\").",
+        "train, FFA-LoRA; = --run-config \"sharing=down freeze-shared=true\") or svd (the clients' "
+        "mean update re-factored by a truncated SVD, FlexLoRA; also for clients of different ranks, "
+        "--run-config \"client-ranks='8,4,2'\").",
     ),
     partitioner: str = typer.Option("iid", help="iid or dirichlet (GLUE only: it skews labels)."),
     alpha: float = typer.Option(
@@ -100,6 +103,8 @@ def federate(
         adamix-zoo federate --tasks e2e --clients 4 --run-config "train-limit=4000 eval-limit=200"
 
         adamix-zoo federate --tasks sst2 --aggregation frozen-down
+
+        adamix-zoo federate --tasks sst2 --aggregation svd --run-config "client-ranks='8,4,2,2'"
 
         adamix-zoo federate --clients 20 --fraction-train 0.25 --min-clients 3 --evaluate-every 5
 

@@ -24,6 +24,7 @@ from adamix_zoo.generation.nlg_tasks import NLG_TASKS
 from adamix_zoo.generation.objective import generation_adamix
 from adamix_zoo.glue_tasks import TASKS as GLUE_TASKS, get_task
 from adamix_zoo.runtime import PRECISIONS
+from federation.ranks import parse_ranks
 
 # FedAvg-family aggregation, robust aggregation, and server-side optimizers (FedOpt: Reddi et al.).
 STRATEGIES = (
@@ -31,6 +32,9 @@ STRATEGIES = (
 )
 DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 PARTITIONERS = ("iid", "dirichlet")
+# How the LoRA factors are aggregated (federation.ranks): each factor averaged on its own, or the
+# clients' mean update re-factored by a truncated SVD (FlexLoRA).
+AGGREGATIONS = ("factors", "svd")
 HEAD_MODES = ("auto", "true", "false")
 # Run-config key -> AdaMixConfig field; the seed is the run's own ``seed``.
 ADAMIX_KEYS = {"kind": "kind", "num-experts": "num_experts", "rank": "rank", "lora-alpha": "alpha",
@@ -174,6 +178,17 @@ class FederationConfig:
         metadata={"help": "The mixture (None: the task family's); run-config keys "
                   + ", ".join(ADAMIX_KEYS) + " change the family's."},
     )
+    client_ranks: str = field(
+        default="",
+        metadata={"help": "Heterogeneous LoRA ranks (HetLoRA / FlexLoRA): comma-separated ranks, client i "
+                  "trains ranks[i % n] (each <= rank, the global adapter's); '' = every client at rank."},
+    )
+    aggregation: str = field(
+        default="factors",
+        metadata={"help": "'factors' (the strategy averages A and B separately) or 'svd' (the clients' "
+                  "mean update re-factored at rank by a truncated SVD, FlexLoRA; fedavg, LoRA with "
+                  "sharing 'up' or 'down', not with freeze-shared or server-side DP)."},
+    )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
         default="auto",
@@ -254,8 +269,10 @@ class FederationConfig:
         _choice("dp", self.dp, DP_MODES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("federate-head", str(self.federate_head).lower(), HEAD_MODES)
         self._check_family()
+        self._check_ranks()
         for name in ("num_clients", "min_clients", "num_rounds", "local_steps", "batch_size",
                      "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -313,6 +330,26 @@ class FederationConfig:
                 f"partitioner={self.partitioner!r} needs class labels; data-to-text clients use 'iid'"
             )
 
+    def _check_ranks(self) -> None:
+        """client-ranks and aggregation=svd: LoRA only, and what the SVD step cannot combine with."""
+        mixture = self.adamix
+        ranks = parse_ranks(self.client_ranks)  # raises naming a bad entry
+        if (ranks or self.aggregation == "svd") and mixture.kind != "lora":
+            raise ValueError(f"client-ranks and aggregation=svd need kind='lora', got {mixture.kind!r}")
+        if any(r > mixture.rank for r in ranks):
+            raise ValueError(f"client-ranks={self.client_ranks!r}: every rank must be <= rank={mixture.rank} "
+                             "(the global adapter's)")
+        if self.aggregation != "svd":
+            return
+        if mixture.sharing == "none" and mixture.num_experts > 1:
+            raise ValueError("aggregation=svd needs sharing 'up' or 'down': with nothing shared the "
+                             "experts' pairwise updates have no common factorisation")
+        if mixture.freeze_shared:
+            raise ValueError("aggregation=svd re-factors A too: it cannot keep freeze-shared's frozen A")
+        if self.strategy != "fedavg" or self.dp.startswith("server"):
+            raise ValueError(f"aggregation=svd replaces the mean of the factors: it needs strategy=fedavg "
+                             f"without server-side DP, got strategy={self.strategy!r}, dp={self.dp!r}")
+
     # -- derived views ---------------------------------------------------------------------------
     @property
     def task_list(self) -> list[str]:
@@ -356,6 +393,15 @@ class FederationConfig:
         same = [c for c in range(self.num_clients) if c % len(tasks) == partition_id % len(tasks)]
         return task, same.index(partition_id), len(same)
 
+    def client_rank(self, partition_id: int) -> int:
+        """The LoRA rank client ``partition_id`` trains (``client-ranks``, else the global rank)."""
+        ranks = parse_ranks(self.client_ranks)
+        return ranks[partition_id % len(ranks)] if ranks else self.adamix.rank
+
+    @property
+    def heterogeneous_ranks(self) -> bool:
+        return any(r != self.adamix.rank for r in parse_ranks(self.client_ranks))
+
     def adamix_config(self) -> AdaMixConfig:
         """The mixture seeded by the run (identical initial experts and routing everywhere)."""
         return dataclasses.replace(self.adamix, seed=self.seed)
@@ -386,6 +432,8 @@ class FederationConfig:
             if self.drop_rate or self.straggler_rate
             else None,
             "strategy": self.strategy,
+            "aggregation": self.aggregation,
+            "client_ranks": parse_ranks(self.client_ranks) or None,
             "server_learning_rate": self.server_learning_rate,
             "server_momentum": self.server_momentum,
             "dp": self.dp,

@@ -15,7 +15,8 @@ dropped, and a strategy that fails on the rest skips the round.
 Every aggregated round also records how far averaging the LoRA factors is from averaging the
 clients' updates (``federation.exactness``). Tensors that must never train (FFA-LoRA's frozen
 shared A) travel, are checked bitwise against what was sent, and are put back into the aggregate
-as sent (so neither rounding, a server optimizer nor DP noise moves them).
+as sent (so neither rounding, a server optimizer nor DP noise moves them). Clients of smaller LoRA
+ranks and the SVD re-factoring of the mean update are ``federation.ranks``'.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from federation import exactness
+from federation import exactness, ranks
 from federation.config import FederationConfig
 from federation.records import Spec, check_record
 
@@ -163,12 +164,19 @@ class ValidatingStrategy(Strategy):
         node_wait: seconds a round waits for ``min_valid`` connected clients before it is
             skipped (Flower's sampling would wait for them forever).
         frozen: names of tensors no client may change (a reply that changed one is rejected).
+        pad_fill: clients of smaller LoRA ranks reply (``federation.ranks.pad``): their factors are
+            brought to the global rank, filled from the tensors sent (``'sent'``) or with zeros
+            (``'zeros'``); None: every reply has the global shapes.
+        svd_rank: re-factor the clients' mean update at this rank (``federation.ranks.refactor``)
+            in place of the strategy's factor average; its truncation error is the round's
+            aggregation error. None: the strategy's average is the aggregate.
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
                  max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0,
                  evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0,
-                 frozen: Iterable[str] = ()) -> None:
+                 frozen: Iterable[str] = (), pad_fill: str | None = None,
+                 svd_rank: int | None = None) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
@@ -178,6 +186,7 @@ class ValidatingStrategy(Strategy):
         if not set(self.frozen) <= set(spec):
             raise ValueError(f"frozen tensors not in the spec: {sorted(set(self.frozen) - set(spec))[:3]}")
         self.projections = exactness.lora_projections(spec)
+        self.pad_fill, self.svd_rank = pad_fill, svd_rank
         self.log = RoundLog()
         self._sent_at: dict[int, float] = {}
         self._eval_sent_at: dict[int, float] = {}
@@ -228,6 +237,7 @@ class ValidatingStrategy(Strategy):
         """The replies that pass validation; each rejected one is logged with its reason."""
         good, rejected = [], self.log.rejected.setdefault(server_round, [])
         for msg in replies:
+            self._pad(server_round, msg)
             problem = reply_problem(msg, self.spec) or self._frozen_problem(server_round, msg)
             if problem is None:
                 good.append(msg)
@@ -238,6 +248,17 @@ class ValidatingStrategy(Strategy):
                 WARNING, "round %d: rejected the update of node %d: %s", server_round, node, problem
             )
         return good
+
+    def _pad(self, server_round: int, msg: Message) -> None:
+        """A smaller-rank reply brought to the global shapes, in place (when ranks may differ)."""
+        sent = self._sent.get(server_round)
+        if self.pad_fill is None or sent is None or msg.has_error() or ARRAYS_KEY not in msg.content.array_records:
+            return
+        arrays = {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}
+        shapes = {k: shape for k, (shape, _) in self.spec.items()}
+        padded = ranks.pad(arrays, {k: v.numpy() for k, v in sent.items()}, shapes, self.pad_fill)
+        if any(padded[k] is not arrays[k] for k in arrays):
+            msg.content[ARRAYS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in padded.items()})
 
     def _frozen_problem(self, server_round: int, msg: Message) -> str | None:
         """Which frozen tensors a (well-formed) reply changed from those sent, or None."""
@@ -269,6 +290,8 @@ class ValidatingStrategy(Strategy):
         error = self._factor_averaging_error(good)  # before a DP wrapper clips the replies in place
         try:
             arrays, metrics = self.inner.aggregate_train(server_round, good)
+            if arrays is not None and self.svd_rank is not None:
+                arrays, error = self._refactored(arrays, good)
         except InconsistentMessageReplies as err:
             return self._skip(server_round, f"inconsistent replies: {err}")
         except Exception as err:  # noqa: BLE001 - a client's values must not end the run
@@ -281,8 +304,9 @@ class ValidatingStrategy(Strategy):
             return self._skip(server_round, "corrupted aggregate: " + "; ".join(problems))
         if error is not None:
             self.log.aggregation_error[server_round] = error
-            log(INFO, "round %d: aggregated %d valid updates; dW relative error of factor averaging: "
-                "mean %.3g, max %.3g", server_round, len(good), error["mean"], error["max"])
+            what = "rank truncation" if self.svd_rank is not None else "factor averaging"
+            log(INFO, "round %d: aggregated %d valid updates; dW relative error of %s: "
+                "mean %.3g, max %.3g", server_round, len(good), what, error["mean"], error["max"])
         else:
             log(INFO, "round %d: aggregated %d valid updates", server_round, len(good))
         return arrays, metrics
@@ -293,6 +317,16 @@ class ValidatingStrategy(Strategy):
         if not self.frozen or sent is None:
             return arrays
         return ArrayRecord({k: sent[k] if k in self.frozen else v for k, v in arrays.items()})
+
+    def _refactored(self, arrays: ArrayRecord, replies: list[Message]) -> tuple[ArrayRecord, dict[str, float] | None]:
+        """The aggregate with every LoRA projection re-factored from the replies' mean update, and
+        the mean / max truncation error over the projections."""
+        names = [n for p in self.projections for n in (p.a, p.b)]
+        updates = [{n: m.content[ARRAYS_KEY][n].numpy() for n in names} for m in replies]
+        weights = [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
+        factors, errors = ranks.refactor_all(updates, weights, self.projections, self.svd_rank)
+        record = ArrayRecord({k: Array(factors[k]) if k in factors else v for k, v in arrays.items()})
+        return record, exactness.summary(errors)
 
     def _factor_averaging_error(self, replies: list[Message]) -> dict[str, float] | None:
         """Mean and max over the LoRA projections of the replies' factor-averaging relative error
@@ -430,8 +464,11 @@ def _with_dp(cfg: FederationConfig, base: Strategy) -> Strategy:
 
 def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
     frozen = exactness.frozen_names(spec, cfg.adamix)
+    svd = cfg.aggregation == "svd"
+    pad_fill = ("zeros" if svd else "sent") if cfg.heterogeneous_ranks else None
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
-                              evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen)
+                              evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen,
+                              pad_fill=pad_fill, svd_rank=cfg.adamix.rank if svd else None)
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:

@@ -290,8 +290,11 @@ def test_the_federate_command_selects_the_exact_mode(tmp_path, monkeypatch):
     runner = CliRunner()
     done = runner.invoke(cli, common + ["--aggregation", "frozen-down"])
     assert seen["sharing"] == "down" and seen["freeze-shared"] is True, done.output
+    done = runner.invoke(cli, common + ["--aggregation", "svd", "--run-config", "client-ranks='8,4,2'"])
+    assert seen["aggregation"] == "svd" and seen["client-ranks"] == "8,4,2", done.output
     for bad, says in ((["--aggregation", "frozen-down", "--run-config", "sharing='up'"], "sharing='down'"),
-                      (["--aggregation", "exact"], "choose one of factors, frozen-down")):
+                      (["--aggregation", "svd", "--strategy", "fedavgm"], "needs strategy=fedavg"),
+                      (["--aggregation", "exact"], "choose one of factors, frozen-down, svd")):
         done = runner.invoke(cli, common + bad)
         text = " ".join(done.output.replace("│", " ").split())  # rich wraps the message in a box
         assert done.exit_code == 2 and says in text, done.output
