@@ -14,7 +14,8 @@ by its stage, side, seed, hyperparameters and the protocol hash; finished runs a
    on the rest). Seed SELECT_SEED; the best selection accuracy wins, per side.
 2. ``report``: REPORT_SEEDS at the chosen settings, trained on the training split and measured on
    the dev set (GLUE validation); plus the exact-aggregation mode (EXACT_MODE, when the federation
-   has it) and the generation case (bench/federation_generation.py, when present).
+   has it), clients of different ranks (RANKS_MODE, on RANKS_SEEDS) and the generation case
+   (bench/federation_generation.py, when present).
 
 Federated: Flower's runtime (a local SuperLink in simulation mode, Ray backend), PROTOCOL["clients"]
 clients holding Dirichlet(alpha) label-skewed partitions of the training subset, a fraction of them
@@ -86,6 +87,10 @@ SELECT_SEED, REPORT_SEEDS, GENERATION_SEEDS = 0, (0, 1, 2), (0,)
 # (``adamix-zoo federate --aggregation frozen-down``); while empty, or naming keys FederationConfig
 # lacks, the exact runs are skipped and their keys are None.
 EXACT_MODE: dict[str, Any] = {"sharing": "down", "freeze-shared": True}
+# Clients of different LoRA ranks (HetLoRA-style: missing components as sent, FedAvgM unchanged), on
+# RANKS_SEEDS: what a federation of small and large clients costs against every client at rank 8.
+RANKS_MODE: dict[str, Any] = {"client-ranks": "8,4,2,2"}
+RANKS_SEEDS = (0,)
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -277,7 +282,7 @@ def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: 
         elif spec["side"] == "generation":
             result = generation_case()(spec["seed"], quick)
         else:
-            extra = EXACT_MODE if spec["side"] == "exact" else None
+            extra = {"exact": EXACT_MODE, "ranks": RANKS_MODE}.get(spec["side"])
             result = federated(p, spec["hp"], spec["seed"], root, out / "federated", extra)
         run = spec | {"protocol_id": protocol_id(p), "quick": quick, "result": result, "machine": machine(),
                       "command": " ".join([COMMAND] + sys.argv[1:])}
@@ -314,6 +319,8 @@ def summarize(done: dict, p: dict, seeds: tuple, fed_grid: list, central_grid: l
         return statistics.fmean(values) if values else None
 
     exact = [s for s in per_seed if s["exact"]]
+    ranks = [(done[k]["result"]["metric"], s["federated"]["metric"]) for s in per_seed if s["seed"] in RANKS_SEEDS
+             and (k := run_key(job("report", "ranks", s["seed"], fed_hp))) in done]
     bleu = [g.get("generation_fed_vs_central_bleu_ratio", g.get("fed_vs_central_bleu_ratio")) for g in generation]
     fed_runs = [s["federated"] for s in per_seed]
     return {
@@ -341,6 +348,8 @@ def summarize(done: dict, p: dict, seeds: tuple, fed_grid: list, central_grid: l
         "aggregation_relative_error": mean([r["aggregation_relative_error"] for r in fed_runs]),
         "exact_aggregation_relative_error": mean([s["exact"]["aggregation_relative_error"] for s in exact]),
         "exact_vs_default_metric_ratio": mean([s["exact"]["metric"] / s["federated"]["metric"] for s in exact]),
+        "heterogeneous_ranks": RANKS_MODE["client-ranks"],
+        "heterogeneous_ranks_vs_default_metric_ratio": mean([r / d for r, d in ranks]),
         "generation_fed_vs_central_bleu_ratio": min((b for b in bleu if b is not None), default=None),
         "target_generation_fed_vs_central_bleu_ratio": TARGET_BLEU_RATIO,
         "generation": generation,
@@ -390,6 +399,8 @@ def report(r: dict, done: dict) -> str:
         ["aggregation_relative_error (default mode, last round)", fmt(r["aggregation_relative_error"], ".3g")],
         ["exact_aggregation_relative_error", fmt(r["exact_aggregation_relative_error"], ".3g")],
         ["exact_vs_default_metric_ratio", fmt(r["exact_vs_default_metric_ratio"])],
+        [f"heterogeneous_ranks_vs_default_metric_ratio (client ranks {r['heterogeneous_ranks']}, seeds "
+         f"{', '.join(map(str, RANKS_SEEDS))})", fmt(r["heterogeneous_ranks_vs_default_metric_ratio"])],
         ["generation_fed_vs_central_bleu_ratio (target >= 0.9)", fmt(r["generation_fed_vs_central_bleu_ratio"])],
     ]
     legacy = [[f"{v['settings']['rounds']} x {v['settings']['local_steps']}", v["settings"]["clients"],
@@ -454,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
                 jobs = [job("report", side, s, hp) for s in seeds
                         for side, hp in (("federated", fed_hp), ("centralized", central_hp))]
                 jobs += [job("report", "exact", s, fed_hp) for s in seeds] if exact_mode() else []
+                jobs += [job("report", "ranks", s, fed_hp) for s in seeds if s in RANKS_SEEDS]
                 jobs += [job("report", "generation", s, {}) for s in GENERATION_SEEDS] if generation_case() else []
                 execute(jobs, p, done, log, opts.quick, Path(tmp))
         results = summarize(done, p, seeds, fed_grid, central_grid, opts.quick)

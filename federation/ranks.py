@@ -7,15 +7,17 @@ and replies at rank ``r_i``, so a small client holds, trains and uploads a small
 client's LoRA scale is the global one, ``alpha / R`` (its alpha is ``alpha * r_i / R``), so a
 truncated global adapter is exactly the sub-sum of the global update over those components.
 
-The server brings each reply back to rank R before anything else sees it (``pad``):
-- ``aggregation='factors'``: the components beyond ``r_i`` are filled in as sent, so they move only
-  by the updates of the clients that hold them (any Flower strategy, and a frozen shared A, work
+The server brings each reply back to rank R before anything else sees it (``pad``), the components
+beyond ``r_i`` filled in as sent: the reply's update (its distance from what was sent, which the
+server's clipping bounds) is the client's own, and 0 where it holds nothing. Then:
+- ``aggregation='factors'``: the strategy averages the padded factors, so each component moves only
+  by the updates of the clients that hold it (any Flower strategy, and a frozen shared A, work
   unchanged);
-- ``aggregation='svd'``: they are filled with zeros, so the padded factors make exactly the
-  client's own update ``B_i A_i``. The strategy's factor average is then replaced by the best rank-R
-  factorisation of the clients' weighted mean update, by a truncated SVD (``refactor``), joint
-  over AdaMix's experts so that the shared projection stays shared. The relative truncation error
-  is what this aggregation loses against the exact mean (0 when the clients' stacked ranks fit in R).
+- ``aggregation='svd'``: the strategy's factor average is replaced by the best rank-R factorisation
+  of the clients' weighted mean update ``sum_i w_i B_i A_i`` (each client's factors at its own rank,
+  ``zero_beyond``), by a truncated SVD (``refactor``) joint over AdaMix's experts so that the shared
+  projection stays shared. The relative truncation error is what this aggregation loses against the
+  exact mean (0 when the clients' stacked ranks fit in R).
 """
 
 from __future__ import annotations
@@ -74,15 +76,22 @@ def truncate(state: dict, rank: int) -> dict:
     return out
 
 
-def pad(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
-        fill: str) -> dict[str, np.ndarray]:
-    """LoRA factors of a smaller rank brought to the global shapes (others returned as they are).
+def reply_rank(arrays: dict[str, np.ndarray]) -> int | None:
+    """The smallest rank among a reply's LoRA factors (None: it has none)."""
+    found = [value.shape[axis] for name, value in arrays.items()
+             if (axis := _rank_axis(name)) is not None and value.ndim > axis]
+    return min(found) if found else None
+
+
+def pad(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
+        ) -> dict[str, np.ndarray]:
+    """LoRA factors of a smaller rank brought to the global shapes, the missing components as sent
+    (others returned as they are): the reply's update is unchanged, and 0 where it holds nothing.
 
     Args:
         arrays: a reply's tensors.
-        sent: the global tensors sent this round (``fill='sent'`` takes the missing components there).
+        sent: the global tensors sent this round.
         shapes: the global shape of every tensor.
-        fill: ``'sent'`` or ``'zeros'``.
 
     A tensor whose shape is not a rank truncation of the global one is returned unchanged, for the
     validation that follows to name it.
@@ -90,14 +99,25 @@ def pad(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], shapes: dict
     out = dict(arrays)
     for name, value in arrays.items():
         axis, shape = _rank_axis(name), shapes.get(name)
-        if axis is None or shape is None or value.ndim != len(shape) or tuple(value.shape) == shape:
+        if axis is None or shape is None or name not in sent or value.ndim != len(shape) or tuple(value.shape) == shape:
             continue
         others_match = all(value.shape[i] == shape[i] for i in range(len(shape)) if i != axis)
         if not others_match or not 0 < value.shape[axis] < shape[axis]:
             continue
-        full = np.array(sent[name], copy=True) if fill == "sent" else np.zeros(shape, dtype=value.dtype)
+        full = np.array(sent[name], dtype=value.dtype, copy=True)
         full[(slice(None),) * axis + (slice(0, value.shape[axis]),)] = value
-        out[name] = full.astype(value.dtype, copy=False)
+        out[name] = full
+    return out
+
+
+def zero_beyond(arrays: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """Every LoRA factor with its components from ``rank`` on set to 0: at the global shapes, the
+    factors of a rank-``rank`` client's own update ``B_i A_i``."""
+    out = dict(arrays)
+    for name, value in arrays.items():
+        if (axis := _rank_axis(name)) is not None and value.shape[axis] > rank:
+            out[name] = np.array(value, copy=True)
+            out[name][(slice(None),) * axis + (slice(rank, None),)] = 0
     return out
 
 
@@ -113,7 +133,7 @@ def refactor(a: list[np.ndarray], b: list[np.ndarray], weights: list[float], ran
     still shared.
 
     Args:
-        a: each client's A, (K_a, r, d_in), at the global rank (zero-padded).
+        a: each client's A, (K_a, r, d_in), at the global rank (``zero_beyond`` its own).
         b: each client's B, (K_b, d_out, r).
         weights: the clients' weights (normalised here).
         rank: the global rank.

@@ -164,9 +164,9 @@ class ValidatingStrategy(Strategy):
         node_wait: seconds a round waits for ``min_valid`` connected clients before it is
             skipped (Flower's sampling would wait for them forever).
         frozen: names of tensors no client may change (a reply that changed one is rejected).
-        pad_fill: clients of smaller LoRA ranks reply (``federation.ranks.pad``): their factors are
-            brought to the global rank, filled from the tensors sent (``'sent'``) or with zeros
-            (``'zeros'``); None: every reply has the global shapes.
+        heterogeneous: clients of smaller LoRA ranks reply; their factors are brought to the
+            global rank, the missing components as sent (``federation.ranks.pad``). False: every
+            reply has the global shapes.
         svd_rank: re-factor the clients' mean update at this rank (``federation.ranks.refactor``)
             in place of the strategy's factor average; its truncation error is the round's
             aggregation error. None: the strategy's average is the aggregate.
@@ -175,7 +175,7 @@ class ValidatingStrategy(Strategy):
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
                  max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0,
                  evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0,
-                 frozen: Iterable[str] = (), pad_fill: str | None = None,
+                 frozen: Iterable[str] = (), heterogeneous: bool = False,
                  svd_rank: int | None = None) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
@@ -186,7 +186,8 @@ class ValidatingStrategy(Strategy):
         if not set(self.frozen) <= set(spec):
             raise ValueError(f"frozen tensors not in the spec: {sorted(set(self.frozen) - set(spec))[:3]}")
         self.projections = exactness.lora_projections(spec)
-        self.pad_fill, self.svd_rank = pad_fill, svd_rank
+        self.heterogeneous, self.svd_rank = heterogeneous, svd_rank
+        self._reply_ranks: dict[int, int] = {}  # id of a padded reply -> its rank, this round
         self.log = RoundLog()
         self._sent_at: dict[int, float] = {}
         self._eval_sent_at: dict[int, float] = {}
@@ -236,6 +237,7 @@ class ValidatingStrategy(Strategy):
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that pass validation; each rejected one is logged with its reason."""
         good, rejected = [], self.log.rejected.setdefault(server_round, [])
+        self._reply_ranks = {}
         for msg in replies:
             self._pad(server_round, msg)
             problem = reply_problem(msg, self.spec) or self._frozen_problem(server_round, msg)
@@ -250,14 +252,16 @@ class ValidatingStrategy(Strategy):
         return good
 
     def _pad(self, server_round: int, msg: Message) -> None:
-        """A smaller-rank reply brought to the global shapes, in place (when ranks may differ)."""
+        """A smaller-rank reply brought to the global shapes, in place, its rank noted (when ranks
+        may differ)."""
         sent = self._sent.get(server_round)
-        if self.pad_fill is None or sent is None or msg.has_error() or ARRAYS_KEY not in msg.content.array_records:
+        if not self.heterogeneous or sent is None or msg.has_error() or ARRAYS_KEY not in msg.content.array_records:
             return
         arrays = {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}
         shapes = {k: shape for k, (shape, _) in self.spec.items()}
-        padded = ranks.pad(arrays, {k: v.numpy() for k, v in sent.items()}, shapes, self.pad_fill)
+        padded = ranks.pad(arrays, {k: v.numpy() for k, v in sent.items()}, shapes)
         if any(padded[k] is not arrays[k] for k in arrays):
+            self._reply_ranks[id(msg)] = ranks.reply_rank(arrays)
             msg.content[ARRAYS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in padded.items()})
 
     def _frozen_problem(self, server_round: int, msg: Message) -> str | None:
@@ -322,7 +326,8 @@ class ValidatingStrategy(Strategy):
         """The aggregate with every LoRA projection re-factored from the replies' mean update, and
         the mean / max truncation error over the projections."""
         names = [n for p in self.projections for n in (p.a, p.b)]
-        updates = [{n: m.content[ARRAYS_KEY][n].numpy() for n in names} for m in replies]
+        updates = [ranks.zero_beyond({n: m.content[ARRAYS_KEY][n].numpy() for n in names},
+                                     self._reply_ranks.get(id(m), self.svd_rank)) for m in replies]
         weights = [float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies]
         factors, errors = ranks.refactor_all(updates, weights, self.projections, self.svd_rank)
         record = ArrayRecord({k: Array(factors[k]) if k in factors else v for k, v in arrays.items()})
@@ -464,11 +469,10 @@ def _with_dp(cfg: FederationConfig, base: Strategy) -> Strategy:
 
 def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
     frozen = exactness.frozen_names(spec, cfg.adamix)
-    svd = cfg.aggregation == "svd"
-    pad_fill = ("zeros" if svd else "sent") if cfg.heterogeneous_ranks else None
+    svd_rank = cfg.adamix.rank if cfg.aggregation == "svd" else None
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
                               evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen,
-                              pad_fill=pad_fill, svd_rank=cfg.adamix.rank if svd else None)
+                              heterogeneous=cfg.heterogeneous_ranks, svd_rank=svd_rank)
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:

@@ -16,7 +16,7 @@ from federation.client_app import app
 from federation.config import FederationConfig
 from federation.server_app import run_federation
 from federation.strategies import build_strategy
-from tests.test_federation_exactness import D_IN, D_OUT, EXPERTS, A, B, K, arrays_of, factors
+from tests.test_federation_exactness import D_IN, D_OUT, EXPERTS, A, B, K, R, arrays_of, factors
 from tests.test_federation_support import InProcessGrid, tiny_run_config
 
 pytest_plugins = ["tests.test_federation_support"]
@@ -69,26 +69,27 @@ def test_refactor_needs_a_shared_projection():
         ranks.refactor([u[f"m.{A}"] for u in updates], [u[f"m.{B}"] for u in updates], [1, 1], 2)
 
 
-def test_truncate_and_pad_are_inverse_on_the_kept_components():
+def test_truncate_pad_and_zero_beyond():
     sent = factors("up", 0) | {"head.w": np.ones(3, np.float32)}
     shapes = {k: v.shape for k, v in sent.items()}
     small = ranks.truncate(sent, 1)
     assert small[f"m.{A}"].shape == (K, 1, D_IN) and small[f"m.{B}"].shape == (1, D_OUT, 1)
-    assert small["head.w"] is sent["head.w"]
+    assert small["head.w"] is sent["head.w"] and ranks.reply_rank(small) == 1
     trained = {k: v + 1.0 for k, v in small.items()}
-    as_sent = ranks.pad(trained, sent, shapes, "sent")
-    zeros = ranks.pad(trained, sent, shapes, "zeros")
-    for name in (f"m.{A}", f"m.{B}"):
-        head, tail = ranks.truncate({name: as_sent[name]}, 1)[name], as_sent[name]
-        np.testing.assert_array_equal(head, trained[name])
-        np.testing.assert_array_equal(zeros[name][..., :1] if name.endswith(B) else zeros[name][:, :1], trained[name])
-        assert tail.shape == sent[name].shape
-    np.testing.assert_array_equal(as_sent[f"m.{A}"][:, 1:], sent[f"m.{A}"][:, 1:])
-    np.testing.assert_array_equal(as_sent[f"m.{B}"][..., 1:], sent[f"m.{B}"][..., 1:])
-    assert not zeros[f"m.{A}"][:, 1:].any() and not zeros[f"m.{B}"][..., 1:].any()
+    full = ranks.pad(trained, sent, shapes)
+    assert {k: v.shape for k, v in full.items()} == shapes
+    assert ranks.truncate(full, 1)[f"m.{A}"].tolist() == trained[f"m.{A}"].tolist()
+    assert ranks.truncate(full, 1)[f"m.{B}"].tolist() == trained[f"m.{B}"].tolist()
+    # the components it does not hold are as sent: its update is 0 there
+    np.testing.assert_array_equal(full[f"m.{A}"][:, 1:], sent[f"m.{A}"][:, 1:])
+    np.testing.assert_array_equal(full[f"m.{B}"][..., 1:], sent[f"m.{B}"][..., 1:])
+    own = ranks.zero_beyond(full, 1)  # the factors of the client's own update, at the global shapes
+    assert not own[f"m.{A}"][:, 1:].any() and not own[f"m.{B}"][..., 1:].any()
+    torch.testing.assert_close(joint_of(own[f"m.{A}"], own[f"m.{B}"]), joint_of(trained[f"m.{A}"], trained[f"m.{B}"]))
+    assert all(ranks.zero_beyond(sent, R)[k] is v for k, v in sent.items())  # at full rank: as is
     # what is not a rank truncation is left for the validation to name
     wrong = {f"m.{A}": np.zeros((K, 1, D_IN + 1), np.float32), f"m.{B}": np.zeros((1, D_OUT, 3), np.float32)}
-    assert all(ranks.pad(wrong, sent, shapes, "zeros")[k] is v for k, v in wrong.items())
+    assert all(ranks.pad(wrong, sent, shapes)[k] is v for k, v in wrong.items())
 
 
 def test_a_client_trains_its_rank_at_the_global_scale():
@@ -120,11 +121,11 @@ def test_the_configuration_refuses_what_cannot_work(options, message):
 def test_build_strategy_pads_only_when_ranks_differ():
     spec = {k: (v.shape, "float32") for k, v in factors("up", 0).items()}
     same = build_strategy(FederationConfig(), spec)
-    assert same.pad_fill is None and same.svd_rank is None
+    assert not same.heterogeneous and same.svd_rank is None
     het = build_strategy(FederationConfig.from_run_config({"client-ranks": "8,4"}), spec)
-    assert het.pad_fill == "sent" and het.svd_rank is None
+    assert het.heterogeneous and het.svd_rank is None
     svd = build_strategy(FederationConfig.from_run_config({"client-ranks": "8,4", "aggregation": "svd"}), spec)
-    assert svd.pad_fill == "zeros" and svd.svd_rank == 8
+    assert svd.heterogeneous and svd.svd_rank == 8
 
 
 CLIENT_RANKS = {100: 4, 101: 2, 102: 1}  # node id -> rank
@@ -147,6 +148,19 @@ def federate(tiny_env, **overrides):
     return cfg, grid, run_federation(grid, cfg), uploads
 
 
+def zero_padded(tensors: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    """A client's factors with zero components up to ``rank``: its own update at the global shapes."""
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith(A) or name.endswith(B):
+            axis = 1 if name.endswith(A) else 2
+            width = [(0, 0)] * value.ndim
+            width[axis] = (0, rank - value.shape[axis])
+            value = np.pad(value, width)
+        out[name] = value
+    return out
+
+
 def weights_of(replies) -> dict[int, float]:
     return {r.metadata.src_node_id: float(r.content["metrics"]["num-examples"]) for r in replies}
 
@@ -165,8 +179,7 @@ def test_clients_of_three_ranks_federate_and_the_svd_aggregate_is_the_best_rank_
     report = json.loads((outcome.folder / "final_metrics.json").read_text())["federation"]
     for rnd, aggregate in aggregates.items():
         weights = weights_of(replies[rnd])
-        updates = [ranks.pad(uploads[node][rnd - 1], {}, {k: v.shape for k, v in aggregate.items()}, "zeros")
-                   for node in weights]
+        updates = [zero_padded(uploads[node][rnd - 1], 4) for node in weights]
         modules = sorted({n.removesuffix("." + A) for n in aggregate if n.endswith(A)})
         errors = []
         for module in modules:

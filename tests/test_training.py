@@ -233,4 +233,19 @@ def test_default_budget_is_the_fidelity_protocol():
     assert _schedule(TrainArgs(method="lora", epochs=2), steps_per_epoch=100)[0] == 200
     assert _schedule(TrainArgs(method="lora", epochs=2, max_steps=7), steps_per_epoch=100)[0] == 7
     defaults = TrainArgs()
-    assert (defaults.batch_size, defaults.head_lr, defaults.learning_rate) == (16, 1e-2, 1e-3)
+    assert (defaults.batch_size, defaults.head_lr) == (16, 1e-2)
+
+
+def test_default_learning_rates_are_the_fidelity_benchmarks_choice():
+    """Defaults are the product: each method's rate is the one bench/fidelity.py's grid chose
+    (bench/results/fidelity.json "lr", written from its runs), once that method's grid is complete."""
+    from pathlib import Path
+
+    from adamix_zoo.recipes.glue import DEFAULT_HEAD_LR, DEFAULT_LR
+    from bench.fidelity import PROTOCOL
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "bench/results/fidelity.json").read_text())
+    assert results["lr"], "the fidelity grid has chosen no rate yet"
+    for method, lr in results["lr"].items():
+        assert TrainArgs(method=method).learning_rate == DEFAULT_LR[method] == lr, method
+    assert DEFAULT_HEAD_LR == PROTOCOL["head_lr"] == results["protocol"]["head_lr"]
