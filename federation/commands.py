@@ -118,6 +118,7 @@ def federate(
     from adamix_zoo.formats.files import FINAL_METRICS_FILE
     from federation.config import FederationConfig
     from federation.runtime import LocalFederation, RuntimeFailure
+    from federation.task import family_of
     from registry import default_home
 
     data = data_dir or os.environ.get("ADAMIX_DATA_DIR")
@@ -149,7 +150,8 @@ def federate(
     )
     try:
         cfg = FederationConfig.from_run_config(overrides)  # fail here, not inside the SuperLink
-    except ValueError as err:
+        family_of(cfg).check_splits(cfg)
+    except (FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
     from federation.server_app import RESULT_FILE
 

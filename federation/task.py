@@ -227,6 +227,17 @@ class TaskFamily(ABC):
             FileNotFoundError or ValueError: no such split in the data folder, or a malformed one.
         """
 
+    def check_splits(self, cfg: FederationConfig) -> None:
+        """Read every split the run's clients and server will read, so that a missing or malformed
+        one fails before any Flower process starts (inside the run, every client would fail instead).
+
+        Raises:
+            FileNotFoundError or ValueError: naming the task and split.
+        """
+        for task in cfg.task_list:
+            for split in ("train", "validation"):
+                self.load_rows(cfg, task, split)
+
     @abstractmethod
     def encode(self, cfg: FederationConfig, task: str, rows: "datasets.Dataset") -> list[dict[str, Any]]:
         """Token ids (unpadded) and ``labels``, one dict per example."""

@@ -22,7 +22,7 @@ from federation.config import FederationConfig
 from federation.server_app import run_federation
 from federation.strategies import ValidatingStrategy, build_strategy
 from tests.test_federation_strategy import TwoNodes, reply
-from tests.test_federation_support import InProcessGrid, tiny_run_config
+from tests.test_federation_support import InProcessGrid, make_glue, tiny_run_config
 from tests.tiny import tiny_batch, tiny_model
 
 pytest_plugins = ["tests.test_federation_support"]
@@ -284,7 +284,8 @@ def test_the_federate_command_selects_the_exact_mode(tmp_path, monkeypatch):
             seen.update(run_config)
 
     monkeypatch.setattr(runtime, "LocalFederation", Recorder)
-    common = ["federate", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+    make_glue(tmp_path / "data")
+    common = ["federate", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
               "--store", str(tmp_path / "zoo")]
     _register_commands()
     runner = CliRunner()
@@ -294,6 +295,8 @@ def test_the_federate_command_selects_the_exact_mode(tmp_path, monkeypatch):
     assert seen["aggregation"] == "svd" and seen["client-ranks"] == "8,4,2", done.output
     for bad, says in ((["--aggregation", "frozen-down", "--run-config", "sharing='up'"], "sharing='down'"),
                       (["--aggregation", "svd", "--strategy", "fedavgm"], "needs strategy=fedavg"),
+                      (["--tasks", "sst2,mrpc"], "task 'mrpc'"),  # the data are read before any process starts
+                      (["--tasks", "e2e"], "no train split for e2e"),
                       (["--aggregation", "exact"], "choose one of factors, frozen-down, svd")):
         done = runner.invoke(cli, common + bad)
         text = " ".join(done.output.replace("│", " ").split())  # rich wraps the message in a box
