@@ -10,7 +10,7 @@ experts (the LM head is the backbone's own: nothing else trains or travels). Eac
 data-to-text recipe (``adamix_zoo.recipes.generation``) on the same pairs with the same total number
 of optimizer steps (rounds x local steps x clients) and batch size (its schedule: linear warmup and
 decay). Both use the recipe's mixture (K=4, rank 4, alpha 32, task loss on the first pass, token-masked
-consistency weight 1) in float32, and both score greedy outputs of their merged model on the same
+consistency weight 1) with bf16 autocast (the default on this CPU and on CUDA), and both score greedy outputs of their merged model on the same
 first ``eval_limit`` distinct dev MRs against all their references.
 
 ``run_generation_case(seed, quick)`` returns the result dict (``bench/federation.py`` calls it);
@@ -56,6 +56,7 @@ QUICK = FULL | {
     "max_new_tokens": 16,
 }
 MIXTURE = {"num_experts": 4, "rank": 4, "alpha": 32.0, "consistency_weight": 1.0}
+PRECISION = "bf16"  # both sides: the product's default where bf16 is fast
 
 
 def data_dir() -> Path:
@@ -92,6 +93,7 @@ def federated(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], 
         "output-dir": str(out),
         "publish": False,
         "round-timeout": 3600.0,
+        "precision": PRECISION,
     }
     start = time.perf_counter()
     with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
@@ -106,7 +108,7 @@ def centralized(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any]
         task="e2e", method="adamix-lora", backbone="smollm2-135m", output_dir=str(out),
         data_dir=str(data_dir()), train_size=s["train_limit"], eval_size=s["eval_limit"],
         max_length=s["max_length"], batch_size=s["batch_size"], steps=total_steps(s),
-        lr=s["learning_rate"], max_new_tokens=s["max_new_tokens"], precision="fp32", seed=seed, **MIXTURE,
+        lr=s["learning_rate"], max_new_tokens=s["max_new_tokens"], precision=PRECISION, seed=seed, **MIXTURE,
     )
     start = time.perf_counter()
     final = run_generation(args)
@@ -129,7 +131,7 @@ def run_generation_case(seed: int, quick: bool) -> dict[str, Any]:
         "generation_eval_mrs": fed["eval_sources"],
         "generation_settings": s | {
             "seed": seed, "task": "e2e", "backbone": "SmolLM2-135M-Instruct", "method": "adamix-lora",
-            **MIXTURE, "total_steps": total_steps(s), "precision": "fp32",
+            **MIXTURE, "total_steps": total_steps(s), "precision": PRECISION,
         },
         "generation_quick": quick,
         "generation_rounds_aggregated": fed["federation"]["aggregated_rounds"],
