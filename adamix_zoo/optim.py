@@ -29,7 +29,8 @@ def make_optimizer(
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_offset: int = 1
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, warmup_offset: int = 1,
+    first_step: int = 0,
 ):
     """Linear warmup to the peak learning rate, then linear decay to 0 at ``total_steps``.
 
@@ -37,9 +38,12 @@ def make_scheduler(
         warmup_offset: the factor of warmup step s is ``(s + warmup_offset) / warmup_steps``: 1
             reaches the peak on the last warmup step (the GLUE recipe); 0 starts from 0, exactly
             ``transformers.get_linear_schedule_with_warmup`` (the data-to-text recipe).
+        first_step: where in the schedule this optimizer starts (a federated client's round runs
+            its slice of the whole run's schedule).
     """
 
-    def factor(step: int) -> float:
+    def factor(local_step: int) -> float:
+        step = local_step + first_step
         if step < warmup_steps:
             return float(step + warmup_offset) / float(warmup_steps)
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))

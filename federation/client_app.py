@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(family, cfg, pid, task, context, msg.content[ARRAYS_KEY])
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + pid  # distinct per client and round
-    stats = family.train_round(model, cfg, task, examples, seed)
+    stats = family.train_round(model, cfg, task, examples, seed, server_round)
     if cfg.local_head:
         context.state[LOCAL_HEAD] = to_record(family.head_of(model))
     metrics = MetricRecord({NUM_EXAMPLES: len(examples), **stats})

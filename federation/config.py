@@ -32,6 +32,7 @@ STRATEGIES = (
 )
 DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 PARTITIONERS = ("iid", "dirichlet")
+LR_SCHEDULES = ("linear", "constant")
 # How the LoRA factors are aggregated (federation.ranks): each factor averaged on its own, or the
 # clients' mean update re-factored by a truncated SVD (FlexLoRA).
 AGGREGATIONS = ("factors", "svd")
@@ -148,7 +149,20 @@ class FederationConfig:
     num_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
     local_steps: int = field(default=20, metadata={"help": "Optimizer steps per client per round."})
     batch_size: int = field(default=16, metadata={"help": "Local batch size."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Local AdamW learning rate."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Local AdamW peak learning rate."})
+    head_learning_rate: float = field(
+        default=0.0,
+        metadata={"help": "Peak learning rate of a freshly drawn task head (GLUE); 0 = learning-rate."},
+    )
+    lr_schedule: str = field(
+        default="linear",
+        metadata={"help": "'linear': the recipes' schedule over the whole run (warmup over the first "
+                  "warmup-ratio of rounds x local-steps, then linear decay to 0 at the last round), each "
+                  "client running its round's slice with a fresh AdamW; 'constant': the peak rate every step."},
+    )
+    warmup_ratio: float = field(
+        default=0.06, metadata={"help": "lr-schedule=linear: share of all steps with a linear warmup."}
+    )
     max_length: int = field(default=128, metadata={"help": "Tokenizer truncation length."})
     partitioner: str = field(
         default="iid", metadata={"help": "'iid' or 'dirichlet' (non-IID over labels)."}
@@ -270,6 +284,12 @@ class FederationConfig:
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        if not 0 <= self.warmup_ratio < 1 or self.head_learning_rate < 0 or not self.learning_rate > 0:
+            raise ValueError(
+                f"learning-rate must be > 0, head-learning-rate >= 0 and warmup-ratio in [0, 1), got "
+                f"{self.learning_rate}, {self.head_learning_rate} and {self.warmup_ratio}"
+            )
         _choice("federate-head", str(self.federate_head).lower(), HEAD_MODES)
         self._check_family()
         self._check_ranks()
@@ -440,6 +460,7 @@ class FederationConfig:
             "partitioner": self.partitioner,
             "dirichlet_alpha": self.dirichlet_alpha if self.partitioner == "dirichlet" else None,
             "local_steps": self.local_steps,
+            "lr_schedule": self.lr_schedule,
             "tasks": self.task_list,
             "head_federated": self.head_federated,
         }

@@ -27,7 +27,7 @@ from torch import nn
 from adamix_zoo.backbones import resolve_backbone
 from adamix_zoo.loop import LossFn, train_steps
 from adamix_zoo.model import AdaMixModel
-from adamix_zoo.optim import make_optimizer
+from adamix_zoo.optim import make_optimizer, make_scheduler
 from adamix_zoo.runtime import resolve_precision, select_device
 from federation.config import FederationConfig
 from federation.records import HEAD_PREFIX
@@ -36,6 +36,21 @@ if TYPE_CHECKING:
     import datasets
 
 Batch = dict[str, torch.Tensor]
+
+
+def round_scheduler(cfg: FederationConfig, optimizer: torch.optim.Optimizer, server_round: int):
+    """Round ``server_round``'s slice of the run's learning-rate schedule (None: constant).
+
+    ``lr-schedule=linear`` is the training recipes' schedule over all ``num-rounds x local-steps``
+    steps, as a centralized run of that many steps has it: a round's local steps are its steps
+    ``(round - 1) x local-steps`` onwards, so the last rounds take small steps and the global
+    experts settle instead of carrying the clients' last full-rate moves.
+    """
+    if cfg.lr_schedule == "constant":
+        return None
+    total = cfg.num_rounds * cfg.local_steps
+    return make_scheduler(optimizer, total, int(cfg.warmup_ratio * total),
+                          first_step=(server_round - 1) * cfg.local_steps)
 
 
 # -- what every family loads once per process ----------------------------------------------------
@@ -275,12 +290,14 @@ class TaskFamily(ABC):
         """The training loss (task loss + the mixture's consistency term), a hook of the loop."""
 
     def train_round(
-        self, model: nn.Module, cfg: FederationConfig, task: str, examples: list[dict[str, Any]], seed: int
+        self, model: nn.Module, cfg: FederationConfig, task: str, examples: list[dict[str, Any]], seed: int,
+        server_round: int = 1,
     ) -> dict[str, float]:
         """One client's local work: ``local-steps`` steps of ``adamix_zoo.loop.train_steps``.
 
         Routing, dropout and batch order are seeded by ``seed`` (distinct per client and round); a
-        fresh AdamW per round, as usual in FL.
+        fresh AdamW per round, as usual in FL, at the learning rates of round ``server_round``'s slice
+        of the run's schedule (``round_scheduler``).
 
         Returns:
             ``train-loss``, ``train-consistency`` and ``train-seconds`` (the training loop alone).
@@ -288,11 +305,13 @@ class TaskFamily(ABC):
         self.adamix_model(model).seed_routing(seed)
         torch.manual_seed(seed)  # dropout
         data = self.batches(cfg, task, examples, seed)
-        optimizer = make_optimizer(model, cfg.learning_rate, weight_decay=self.weight_decay)
+        optimizer = make_optimizer(model, cfg.learning_rate, weight_decay=self.weight_decay,
+                                   head_lr=cfg.head_learning_rate or None)
         start = time.perf_counter()
         device = select_device()
-        stats = train_steps(model, data, None, cfg.local_steps, optimizer, device=device,
-                            precision=resolve_precision(cfg.precision, device), loss_fn=self.loss_fn(model, task))
+        stats = train_steps(model, data, None, cfg.local_steps, optimizer, round_scheduler(cfg, optimizer, server_round),
+                            device=device, precision=resolve_precision(cfg.precision, device),
+                            loss_fn=self.loss_fn(model, task))
         seconds = time.perf_counter() - start
         model.eval()
         return {

@@ -1,0 +1,53 @@
+"""The clients' learning rates: each round runs its slice of the run's warmup + linear decay schedule
+(as a centralized run of rounds x local steps has it), and a task head may get its own peak rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adamix_zoo.optim import make_optimizer, make_scheduler
+from federation.config import FederationConfig
+from federation.task import round_scheduler
+
+
+def rates(scheduler, optimizer, steps: int) -> list[list[float]]:
+    """The learning rate of every parameter group at each of ``steps`` steps."""
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def two_groups() -> torch.optim.AdamW:
+    model = torch.nn.ModuleDict({"adapter": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 1)})
+    return make_optimizer(model, lr=1e-3, head_lr=1e-2)
+
+
+def test_the_rounds_run_the_centralized_schedule_in_slices():
+    cfg = FederationConfig(num_rounds=5, local_steps=4, warmup_ratio=0.15, learning_rate=1e-3)
+    optimizer = two_groups()
+    central = rates(make_scheduler(optimizer, 20, 3), optimizer, 20)
+    rounds = []
+    for server_round in range(1, 6):
+        optimizer = two_groups()  # a fresh AdamW every round
+        rounds += rates(round_scheduler(cfg, optimizer, server_round), optimizer, 4)
+    torch.testing.assert_close(torch.tensor(rounds), torch.tensor(central))
+    assert rounds[0] == pytest.approx([1e-3 / 3, 1e-3 / 3, 1e-2 / 3, 1e-2 / 3])  # warmup, head at its own peak
+    assert max(r[0] for r in rounds) == pytest.approx(1e-3) and rounds[-1][0] == pytest.approx(1e-3 / 17)
+
+
+def test_a_constant_schedule_keeps_the_peak_rate():
+    assert round_scheduler(FederationConfig(lr_schedule="constant"), two_groups(), 3) is None
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lr-schedule": "cosine"}, "lr-schedule='cosine' is not supported"),
+    ({"warmup-ratio": 1.0}, "warmup-ratio in \\[0, 1\\)"),
+    ({"head-learning-rate": -1.0}, "head-learning-rate >= 0"),
+])
+def test_bad_schedules_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        FederationConfig.from_run_config(options)
