@@ -33,14 +33,16 @@ def cycle_batches(loader: Iterable) -> Iterator:
         epoch += 1
 
 
-def task_loss_fn(model: nn.Module, task: TaskSpec, consistency_weight: float | None = None) -> LossFn:
-    """The loss of a classification / regression task; None takes the weight of the model's config."""
+def task_loss_fn(model: nn.Module, task: TaskSpec, consistency_weight: float | None = None,
+                 logit_offset: torch.Tensor | None = None) -> LossFn:
+    """The loss of a classification / regression task; None takes the weight of the model's config.
+    ``logit_offset``: added to the task loss's logits (``losses.compute_loss``)."""
     if consistency_weight is None:
         consistency_weight = model_consistency_weight(model, task.problem)
     config = model_adamix_config(model)
     passes = config.task_loss_passes if config is not None else "both"
     second = config.second_pass if config is not None else "train"
-    return lambda m, batch: compute_loss(m, batch, task, consistency_weight, passes, second)
+    return lambda m, batch: compute_loss(m, batch, task, consistency_weight, passes, second, logit_offset)
 
 
 def train_steps(

@@ -29,6 +29,7 @@ def compute_loss(
     consistency_weight: float,
     task_loss_passes: str = "both",
     second_pass: str = "train",
+    logit_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of one batch: task loss, plus AdaMix's consistency term when weighted.
 
@@ -36,15 +37,20 @@ def compute_loss(
     doubled batch; the task loss is the mean over both passes (as in R-Drop) or, with
     ``task_loss_passes="first"``, the first pass's, and ``w * consistency(pass1, pass2)`` is added.
     ``second_pass="target"`` runs the second pass without gradient (task loss on the first only).
+    ``logit_offset`` (classification, one value per label) is added to the logits of the task loss
+    only (logit adjustment); the consistency term compares the model's own logits.
     """
+    def supervised(logits: torch.Tensor) -> torch.Tensor:
+        return task_loss(logits if logit_offset is None else logits + logit_offset, batch["labels"], task.problem)
+
     if consistency_weight <= 0:
-        loss = task_loss(_forward(model, batch), batch["labels"], task.problem)
+        loss = supervised(_forward(model, batch))
         return loss, {"task_loss": loss.item(), "consistency": 0.0}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits, logits2 = two_routed_passes(model, lambda b: model(**b), inputs, second_pass)
-    loss = task_loss(logits, batch["labels"], task.problem)
+    loss = supervised(logits)
     if task_loss_passes == "both" and second_pass == "train":
-        loss = 0.5 * (loss + task_loss(logits2, batch["labels"], task.problem))
+        loss = 0.5 * (loss + supervised(logits2))
     squeeze = task.problem == "regression"
     reg = consistency_loss(
         logits.squeeze(-1) if squeeze else logits, logits2.squeeze(-1) if squeeze else logits2, task.problem

@@ -87,8 +87,11 @@ QUICK = {"rounds": 2, "local_steps": 3, "batch_size": 8, "train_limit": 2000, "e
 # head_learning_rate 0: the head at the adapters' rate; 1e-2: the GLUE recipe's head rate. Server
 # momentum 0 (plain FedAvg) is left out: at 20 x 6 steps it trailed 0.6 and 0.9 by 0.12-0.17 in
 # selection accuracy (constant-rate protocol 6a7772000981, bench/results/federation_runs.jsonl).
-FED_GRID = [{"server_momentum": m, "learning_rate": lr, "head_learning_rate": h}
-            for m in (0.6, 0.9) for lr in (1e-3, 2e-3) for h in (0.0, 1e-2)]
+# logit_adjustment: the clients' label-skew correction (tau; 0 = off).
+FED_GRID = [{"server_momentum": m, "learning_rate": lr, "head_learning_rate": h, "logit_adjustment": t}
+            for m in (0.6, 0.9) for lr in (1e-3, 2e-3) for h in (0.0, 1e-2) for t in (0.0, 1.0)]
+# Settings added to the grid after runs were recorded, at the value those runs had.
+HP_DEFAULTS = {side: {"logit_adjustment": 0.0} for side in ("federated", "exact", "ranks")}
 CENTRAL_GRID = [{"learning_rate": lr, "head_learning_rate": h} for lr in (1e-3, 2e-3) for h in (0.0, 1e-2)]
 SELECT_SEED, REPORT_SEEDS, GENERATION_SEEDS = 0, (0, 1, 2), (0,)
 # Run-config overrides of the exact-aggregation mode: FFA-LoRA's frozen shared down-projection
@@ -112,7 +115,8 @@ def job(stage: str, side: str, seed: int, hp: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_key(run: dict[str, Any]) -> str:
-    return json.dumps([run["stage"], run["side"], run["seed"], run["hp"]], sort_keys=True)
+    hp = HP_DEFAULTS.get(run["side"], {}) | run["hp"]
+    return json.dumps([run["stage"], run["side"], run["seed"], hp], sort_keys=True)
 
 
 def load_runs(pid: str, log: Path) -> dict[str, dict[str, Any]]:
@@ -169,6 +173,7 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
         "round-timeout": 1800.0,
         "learning-rate": hp["learning_rate"],
         "head-learning-rate": hp["head_learning_rate"],
+        "logit-adjustment": hp.get("logit_adjustment", 0.0),
         "lr-schedule": p["lr_schedule"],
         "warmup-ratio": p["warmup_ratio"],
         "strategy": p["strategy"],
@@ -395,8 +400,8 @@ def report(r: dict, done: dict) -> str:
               f"{s['ratio']:.4f}", f"{s['federated']['overhead']['round_overhead_fraction']:.3f}",
               f"{s['federated']['wall_seconds']:.0f} / {s['centralized']['wall_seconds']:.0f}"]
              for s in r["seeds"]]
-    grid = [[side, json.dumps(done[k]["hp"]), f"{done[k]['result']['metric']:.4f}",
-             "yes" if done[k]["hp"] == sel[f"{side}_chosen"] else ""]
+    grid = [[side, json.dumps(hp), f"{done[k]['result']['metric']:.4f}",
+             "yes" if hp == sel[f"{side}_chosen"] else ""]
             for side, points in (("federated", sel["federated_grid"]), ("centralized", sel["centralized_grid"]))
             for hp in points if (k := run_key(job("select", side, SELECT_SEED, hp))) in done]
     b = r["overhead_breakdown"]

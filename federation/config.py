@@ -154,6 +154,13 @@ class FederationConfig:
         default=0.0,
         metadata={"help": "Peak learning rate of a freshly drawn task head (GLUE); 0 = learning-rate."},
     )
+    logit_adjustment: float = field(
+        default=0.0,
+        metadata={"help": "Label-skew correction (GLUE classification): each client's task loss is on "
+                  "logits + tau * log(its partition's label frequencies) (logit adjustment, Menon et al. "
+                  "ICLR 2021; FedLC, Zhang et al. ICML 2022), so the shared head does not learn a client's "
+                  "label prior; predictions use the plain logits. tau; 0 = off."},
+    )
     lr_schedule: str = field(
         default="linear",
         metadata={"help": "'linear': the recipes' schedule over the whole run (warmup over the first "
@@ -285,6 +292,8 @@ class FederationConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.logit_adjustment < 0:
+            raise ValueError(f"logit-adjustment must be >= 0, got {self.logit_adjustment}")
         if not 0 <= self.warmup_ratio < 1 or self.head_learning_rate < 0 or not self.learning_rate > 0:
             raise ValueError(
                 f"learning-rate must be > 0, head-learning-rate >= 0 and warmup-ratio in [0, 1), got "

@@ -71,7 +71,7 @@ class GenerationFamily(TaskFamily):
         return {k: v.to(select_device()) for k, v in batch.items()}
 
     # -- training and evaluation -------------------------------------------------------------------
-    def loss_fn(self, model: AdaMixModel, task: str) -> LossFn:
+    def loss_fn(self, model: AdaMixModel, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> LossFn:
         return lm_loss_fn(model.config)
 
     @torch.no_grad()

@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     import datasets
 
 
+def label_log_prior(examples: list[dict[str, Any]], num_labels: int) -> torch.Tensor:
+    """log of a partition's label frequencies, add-one smoothed (a label it lacks stays finite)."""
+    counts = torch.bincount(torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+                            minlength=num_labels).double()
+    return torch.log((counts + 1) / (counts.sum() + num_labels)).float()
+
+
 class GlueFamily(TaskFamily):
     name = "glue"
 
@@ -75,8 +82,12 @@ class GlueFamily(TaskFamily):
         return {k: v.to(select_device()) for k, v in batch.items()}
 
     # -- training and evaluation -------------------------------------------------------------------
-    def loss_fn(self, model: TaskModel, task: str) -> LossFn:
-        return task_loss_fn(model, get_task(task))
+    def loss_fn(self, model: TaskModel, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> LossFn:
+        spec = get_task(task)
+        offset = None
+        if cfg.logit_adjustment and spec.problem == "classification":
+            offset = cfg.logit_adjustment * label_log_prior(examples, spec.num_labels).to(select_device())
+        return task_loss_fn(model, spec, logit_offset=offset)
 
     def evaluate(
         self, cfg: FederationConfig, task: str, model: TaskModel, examples: list[dict[str, Any]]

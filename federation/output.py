@@ -51,6 +51,7 @@ def federation_run_config(
             "learning_rate": cfg.learning_rate,
             "head_learning_rate": cfg.head_learning_rate or cfg.learning_rate,
             "lr_schedule": cfg.lr_schedule,
+            "logit_adjustment": cfg.logit_adjustment,
             "warmup_ratio": cfg.warmup_ratio,
             "max_length": cfg.max_length,
             "consistency_weight": adamix.consistency_weight,

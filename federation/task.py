@@ -286,8 +286,9 @@ class TaskFamily(ABC):
 
     # -- training and evaluation -------------------------------------------------------------------
     @abstractmethod
-    def loss_fn(self, model: nn.Module, task: str) -> LossFn:
-        """The training loss (task loss + the mixture's consistency term), a hook of the loop."""
+    def loss_fn(self, model: nn.Module, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> LossFn:
+        """The training loss (task loss + the mixture's consistency term) on this client's
+        ``examples``, a hook of the loop."""
 
     def train_round(
         self, model: nn.Module, cfg: FederationConfig, task: str, examples: list[dict[str, Any]], seed: int,
@@ -311,7 +312,7 @@ class TaskFamily(ABC):
         device = select_device()
         stats = train_steps(model, data, None, cfg.local_steps, optimizer, round_scheduler(cfg, optimizer, server_round),
                             device=device, precision=resolve_precision(cfg.precision, device),
-                            loss_fn=self.loss_fn(model, task))
+                            loss_fn=self.loss_fn(model, cfg, task, examples))
         seconds = time.perf_counter() - start
         model.eval()
         return {

@@ -146,7 +146,7 @@ def test_the_loss_is_on_target_tokens_with_the_consistency_term(lm_env):
     assert (batch["labels"][:, prompt:prompt + 4] == batch["input_ids"][:, prompt:prompt + 4]).all()
 
     model = family.build_model(cfg, "e2e")
-    loss_fn = family.loss_fn(model, "e2e")
+    loss_fn = family.loss_fn(model, cfg, "e2e", examples)
     # identical experts with B = 0 at init: any routing is the bare LM, and the passes agree
     loss, parts = loss_fn(model, batch)
     bare = AutoModelForCausalLM.from_pretrained(lm_env / "backbone").eval()
