@@ -155,11 +155,12 @@ class FederationConfig:
         metadata={"help": "Peak learning rate of a freshly drawn task head (GLUE); 0 = learning-rate."},
     )
     logit_adjustment: float = field(
-        default=0.0,
+        default=1.0,
         metadata={"help": "Label-skew correction (GLUE classification): each client's task loss is on "
                   "logits + tau * log(its partition's label frequencies) (logit adjustment, Menon et al. "
                   "ICLR 2021; FedLC, Zhang et al. ICML 2022), so the shared head does not learn a client's "
-                  "label prior; predictions use the plain logits. tau; 0 = off."},
+                  "label prior; predictions use the plain logits. tau; 0 = off. With IID partitions the "
+                  "prior is about uniform, a constant shift that changes nothing."},
     )
     lr_schedule: str = field(
         default="linear",
