@@ -24,7 +24,6 @@ from adamix_zoo.generation.nlg_tasks import NLG_TASKS
 from adamix_zoo.generation.objective import generation_adamix
 from adamix_zoo.glue_tasks import TASKS as GLUE_TASKS, get_task
 from adamix_zoo.runtime import PRECISIONS
-from federation.ranks import parse_ranks
 
 # FedAvg-family aggregation, robust aggregation, and server-side optimizers (FedOpt: Reddi et al.).
 STRATEGIES = (
@@ -88,6 +87,22 @@ def task_family(task: str) -> str:
             f"data-to-text tasks: {', '.join(NLG_TASKS)}"
         ) from None
     return "glue"
+
+
+def parse_ranks(text: str) -> list[int]:
+    """``"8,4,2"`` -> ``[8, 4, 2]``; ``""`` -> ``[]`` (every client at the global rank).
+
+    Raises:
+        ValueError: an entry that is not a positive integer.
+    """
+    ranks = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"client-ranks: {item!r} is not a positive integer (e.g. '8,4,2')")
+        ranks.append(int(item))
+    return ranks
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

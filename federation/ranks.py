@@ -23,15 +23,12 @@ server's clipping bounds) is the client's own, and 0 where it holds nothing. The
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from adamix_zoo.mixtures.lora import LORA_A, LORA_B
-
-if TYPE_CHECKING:
-    from federation.config import FederationConfig
-    from federation.exactness import Projection
+from federation.config import FederationConfig
+from federation.exactness import Projection
 
 # the rank axis of each LoRA factor: A is (K_a, r, d_in), B is (K_b, d_out, r)
 RANK_AXIS = {LORA_A: 1, LORA_B: 2}
@@ -41,23 +38,7 @@ def _rank_axis(name: str) -> int | None:
     return next((axis for suffix, axis in RANK_AXIS.items() if name.endswith("." + suffix)), None)
 
 
-def parse_ranks(text: str) -> list[int]:
-    """``"8,4,2"`` -> ``[8, 4, 2]``; ``""`` -> ``[]`` (every client at the global rank).
-
-    Raises:
-        ValueError: an entry that is not a positive integer.
-    """
-    ranks = []
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
-            continue
-        if not item.isdigit() or int(item) < 1:
-            raise ValueError(f"client-ranks: {item!r} is not a positive integer (e.g. '8,4,2')")
-        ranks.append(int(item))
-    return ranks
-
-
-def client_config(cfg: "FederationConfig", partition_id: int) -> "FederationConfig":
+def client_config(cfg: FederationConfig, partition_id: int) -> FederationConfig:
     """The run's settings as client ``partition_id`` trains them: its rank, at the global scale
     (a homogeneous run of that rank, as far as this client's model is concerned)."""
     rank = cfg.client_rank(partition_id)
@@ -168,7 +149,7 @@ def refactor(a: list[np.ndarray], b: list[np.ndarray], weights: list[float], ran
     return new_a, new_b, error
 
 
-def refactor_all(updates: list[dict[str, np.ndarray]], weights: list[float], projections: list["Projection"],
+def refactor_all(updates: list[dict[str, np.ndarray]], weights: list[float], projections: list[Projection],
                  rank: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """``refactor`` of every projection: the new factors by name, and the error per projection."""
     factors, errors = {}, {}
