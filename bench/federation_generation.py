@@ -97,7 +97,9 @@ def federated(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], 
     }
     start = time.perf_counter()
     with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
-        fed.run(run_config, timeout=4 * 3600)
+        text = fed.run(run_config, timeout=4 * 3600)
+    if not (out / FINAL_METRICS_FILE).exists():  # `flwr run` exits 0 when the ServerApp fails
+        raise SystemExit(f"the federated E2E run failed:\n{text[-4000:]}")
     return json.loads((out / FINAL_METRICS_FILE).read_text()), time.perf_counter() - start
 
 
