@@ -187,6 +187,7 @@ class ValidatingStrategy(Strategy):
             raise ValueError(f"frozen tensors not in the spec: {sorted(set(self.frozen) - set(spec))[:3]}")
         self.projections = exactness.lora_projections(spec)
         self.heterogeneous, self.svd_rank = heterogeneous, svd_rank
+        self._shapes = {k: shape for k, (shape, _) in spec.items()}
         self._reply_ranks: dict[int, int] = {}  # id of a padded reply -> its rank, this round
         self.log = RoundLog()
         self._sent_at: dict[int, float] = {}
@@ -238,8 +239,11 @@ class ValidatingStrategy(Strategy):
         """The replies that pass validation; each rejected one is logged with its reason."""
         good, rejected = [], self.log.rejected.setdefault(server_round, [])
         self._reply_ranks = {}
+        sent = self._sent.get(server_round)
+        sent_arrays = {k: v.numpy() for k, v in sent.items()} if self.heterogeneous and sent is not None else None
         for msg in replies:
-            self._pad(server_round, msg)
+            if sent_arrays is not None:
+                self._pad(msg, sent_arrays)
             problem = reply_problem(msg, self.spec) or self._frozen_problem(server_round, msg)
             if problem is None:
                 good.append(msg)
@@ -251,15 +255,13 @@ class ValidatingStrategy(Strategy):
             )
         return good
 
-    def _pad(self, server_round: int, msg: Message) -> None:
-        """A smaller-rank reply brought to the global shapes, in place, its rank noted (when ranks
-        may differ)."""
-        sent = self._sent.get(server_round)
-        if not self.heterogeneous or sent is None or msg.has_error() or ARRAYS_KEY not in msg.content.array_records:
+    def _pad(self, msg: Message, sent: dict[str, np.ndarray]) -> None:
+        """A smaller-rank reply brought to the global shapes (missing components from ``sent``,
+        this round's global tensors), in place, its rank noted."""
+        if msg.has_error() or ARRAYS_KEY not in msg.content.array_records:
             return
         arrays = {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}
-        shapes = {k: shape for k, (shape, _) in self.spec.items()}
-        padded = ranks.pad(arrays, {k: v.numpy() for k, v in sent.items()}, shapes)
+        padded = ranks.pad(arrays, sent, self._shapes)
         if any(padded[k] is not arrays[k] for k in arrays):
             self._reply_ranks[id(msg)] = ranks.reply_rank(arrays)
             msg.content[ARRAYS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in padded.items()})
