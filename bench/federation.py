@@ -48,8 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adamix_zoo.formats.files import FINAL_METRICS_FILE  # noqa: E402
-from bench.report import RESULTS, data_root, machine, markdown_table, write_json, write_section  # noqa: E402
+from bench.report import RESULTS, data_root, machine, markdown_table, simulate, write_json, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation.py"
 TARGET_RATIO = 0.95
@@ -148,7 +147,6 @@ def selection_data(p: dict[str, Any], folder: Path) -> Path:
 
 
 def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:
-    from federation.runtime import LocalFederation
 
     run_config = {
         "tasks": p["task"],
@@ -173,20 +171,14 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
         "round-timeout": 1800.0,
         "learning-rate": hp["learning_rate"],
         "head-learning-rate": hp["head_learning_rate"],
-        "logit-adjustment": hp.get("logit_adjustment", 0.0),
+        "logit-adjustment": hp["logit_adjustment"],
         "lr-schedule": p["lr_schedule"],
         "warmup-ratio": p["warmup_ratio"],
         "strategy": p["strategy"],
         "server-learning-rate": p["server_learning_rate"],
         "server-momentum": hp["server_momentum"],
     } | (extra or {})
-    start = time.perf_counter()
-    with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
-        text = fed.run(run_config, timeout=3600)
-    wall = time.perf_counter() - start
-    if not (out / FINAL_METRICS_FILE).exists():  # `flwr run` exits 0 when the ServerApp fails
-        raise SystemExit(f"the federated run failed:\n{text[-4000:]}")
-    metrics = json.loads((out / FINAL_METRICS_FILE).read_text())
+    metrics, wall = simulate(run_config, timeout=3600)
     log = metrics["federation"]
     return {
         "metric": metrics["accuracy"],

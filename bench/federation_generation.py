@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adamix_zoo.formats.files import FINAL_METRICS_FILE  # noqa: E402
-from bench.report import data_root, machine  # noqa: E402
+from bench.report import data_root, machine, simulate  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation_generation.py"
 TARGET_RATIO = 0.9
@@ -68,7 +67,6 @@ def total_steps(s: dict[str, Any]) -> int:
 
 
 def federated(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], float]:
-    from federation.runtime import LocalFederation
 
     run_config = {
         "tasks": "e2e",
@@ -95,12 +93,7 @@ def federated(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], 
         "round-timeout": 3600.0,
         "precision": PRECISION,
     }
-    start = time.perf_counter()
-    with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
-        text = fed.run(run_config, timeout=4 * 3600)
-    if not (out / FINAL_METRICS_FILE).exists():  # `flwr run` exits 0 when the ServerApp fails
-        raise SystemExit(f"the federated E2E run failed:\n{text[-4000:]}")
-    return json.loads((out / FINAL_METRICS_FILE).read_text()), time.perf_counter() - start
+    return simulate(run_config, timeout=4 * 3600)
 
 
 def centralized(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], float]:

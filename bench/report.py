@@ -30,6 +30,27 @@ def data_root(required: str) -> Path:
     return root
 
 
+def simulate(run_config: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
+    """A Flower simulation of the project's app (a local SuperLink, its logs beside the run's
+    ``output-dir``): the run's final_metrics.json and its wall seconds.
+
+    Raises:
+        SystemExit: the run wrote no final metrics (``flwr run`` exits 0 when the ServerApp fails),
+            with the tail of Flower's log.
+    """
+    from adamix_zoo.formats.files import FINAL_METRICS_FILE
+    from federation.runtime import LocalFederation
+
+    out = Path(run_config["output-dir"])
+    start = time.perf_counter()
+    with LocalFederation(simulation=True, log_dir=out.parent / "flower-logs") as fed:
+        text = fed.run(run_config, timeout=timeout)
+    wall = time.perf_counter() - start
+    if not (out / FINAL_METRICS_FILE).exists():
+        raise SystemExit(f"the federated run {out} failed:\n{text[-4000:]}")
+    return json.loads((out / FINAL_METRICS_FILE).read_text()), wall
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu": platform.processor() or platform.machine(),
