@@ -12,7 +12,7 @@ import typer
 AGGREGATION: dict[str, dict[str, object]] = {
     "factors": {},
     "frozen-down": {"sharing": "down", "freeze-shared": True},
-    "svd": {"aggregation": "svd"},
+    "svd": {"aggregation": "svd", "strategy": "fedavg"},  # it replaces the (momentum) average
 }
 
 
@@ -44,10 +44,11 @@ def federate(
         1, min=1, help="Federated client evaluation every N rounds and at the last round."
     ),
     local_steps: int = typer.Option(20, min=1, help="Local optimizer steps per client per round."),
-    strategy: str = typer.Option(
-        "fedavg",
+    strategy: Optional[str] = typer.Option(
+        None,
         help="fedavg, fedmedian, fedtrimmedavg, krum, or a server optimizer: fedavgm, fedadam, "
-        "fedyogi, fedadagrad (see --run-config server-learning-rate, server-momentum).",
+        "fedyogi, fedadagrad (see --run-config server-learning-rate, server-momentum). Default: "
+        "fedavgm with momentum 0.6 (fedavg with --aggregation svd).",
     ),
     dp: str = typer.Option(
         "none", help="none, server-fixed, server-adaptive, client-fixed, client-adaptive."
@@ -135,7 +136,6 @@ def federate(
         "fraction-train": fraction_train,
         "evaluate-every": evaluate_every,
         "local-steps": local_steps,
-        "strategy": strategy,
         "dp": dp,
         "partitioner": partitioner,
         "dirichlet-alpha": alpha,
@@ -145,7 +145,9 @@ def federate(
         # resolved here: the ServerApp runs under the SuperLink, whose environment may differ
         "registry-dir": str((registry_dir or default_home()).resolve()),
         "publish": publish,
-    } | ({"min-clients": min_clients} if min_clients else {}) | parse_config_args(
+    } | ({"min-clients": min_clients} if min_clients else {}) | (
+        {"strategy": strategy} if strategy else {}
+    ) | parse_config_args(
         [run_config] if run_config else None
     )
     try:

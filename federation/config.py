@@ -164,9 +164,12 @@ class FederationConfig:
     num_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
     local_steps: int = field(default=20, metadata={"help": "Optimizer steps per client per round."})
     batch_size: int = field(default=16, metadata={"help": "Local batch size."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Local AdamW peak learning rate."})
+    # The defaults below (rate, head rate, FedAvgM momentum 0.6, logit adjustment) are what
+    # bench/federation.py chose on held-out training rows. Its two-seed selection put 2e-3 and 4e-3
+    # level (0.842 / 0.843); 2e-3 is also the centralized choice and the data-to-text rate.
+    learning_rate: float = field(default=2e-3, metadata={"help": "Local AdamW peak learning rate."})
     head_learning_rate: float = field(
-        default=0.0,
+        default=1e-2,
         metadata={"help": "Peak learning rate of a freshly drawn task head (GLUE); 0 = learning-rate."},
     )
     logit_adjustment: float = field(
@@ -231,12 +234,15 @@ class FederationConfig:
         default="auto",
         metadata={"help": "'auto' (single task: yes; multi-task: no), 'true', 'false'."},
     )
-    strategy: str = field(default="fedavg", metadata={"help": ", ".join(STRATEGIES) + "."})
+    strategy: str = field(
+        default="fedavgm",
+        metadata={"help": ", ".join(STRATEGIES) + ". aggregation=svd needs fedavg."},
+    )
     server_learning_rate: float = field(
         default=1.0,
         metadata={"help": "fedavgm / fedadam / fedyogi / fedadagrad: server step on the mean update."},
     )
-    server_momentum: float = field(default=0.0, metadata={"help": "fedavgm: server momentum."})
+    server_momentum: float = field(default=0.6, metadata={"help": "fedavgm: server momentum."})
     server_tau: float = field(
         default=1e-3, metadata={"help": "fedadam / fedyogi / fedadagrad: adaptivity (epsilon)."}
     )

@@ -51,3 +51,30 @@ def test_a_constant_schedule_keeps_the_peak_rate():
 def test_bad_schedules_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         FederationConfig.from_run_config(options)
+
+
+def test_defaults_are_the_federation_benchmarks_choice():
+    """Defaults are the product: server optimizer, head rate and label-skew correction are what
+    bench/federation.py chose on held-out training rows (bench/results/federation.json)."""
+    import json
+    from pathlib import Path
+
+    from bench.federation import PROTOCOL
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "bench/results/federation.json").read_text())
+    chosen = results["selection"]["federated_chosen"]
+    cfg = FederationConfig()
+    assert (cfg.strategy, cfg.server_learning_rate) == (PROTOCOL["strategy"], PROTOCOL["server_learning_rate"])
+    assert (cfg.lr_schedule, cfg.warmup_ratio) == (PROTOCOL["lr_schedule"], PROTOCOL["warmup_ratio"])
+    assert cfg.server_momentum == chosen["server_momentum"]
+    assert cfg.head_learning_rate == chosen["head_learning_rate"]
+    assert cfg.logit_adjustment == chosen["logit_adjustment"]
+    # the rate: a finalist level with the chosen one (two-seed means less than one held-out row
+    # apart), and the rate the centralized side chose
+    finalists = results["selection"]["federated_finalists"]
+    best = max(f["mean"] for f in finalists)
+    level = {f["hp"]["learning_rate"] for f in finalists
+             if f["mean"] > best - 1 / PROTOCOL["selection_rows"]
+             and f["hp"] | {"learning_rate": chosen["learning_rate"]} == chosen}
+    assert cfg.learning_rate in level
+    assert cfg.learning_rate == results["selection"]["centralized_chosen"]["learning_rate"]

@@ -71,6 +71,8 @@ def tiny_run_config(tmp: Path, **overrides) -> dict:
         "output-dir": str(tmp / "out"),
         "registry-dir": str(tmp / "zoo"),
         "round-timeout": 60.0,
+        # the tests check aggregates against the clients' plain weighted mean
+        "strategy": "fedavg",
     }
     return base | overrides
 
