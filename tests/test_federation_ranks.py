@@ -124,7 +124,8 @@ def test_build_strategy_pads_only_when_ranks_differ():
     assert not same.heterogeneous and same.svd_rank is None
     het = build_strategy(FederationConfig.from_run_config({"client-ranks": "8,4"}), spec)
     assert het.heterogeneous and het.svd_rank is None
-    svd = build_strategy(FederationConfig.from_run_config({"client-ranks": "8,4", "aggregation": "svd", "strategy": "fedavg"}), spec)
+    svd_cfg = {"client-ranks": "8,4", "aggregation": "svd", "strategy": "fedavg"}
+    svd = build_strategy(FederationConfig.from_run_config(svd_cfg), spec)
     assert svd.heterogeneous and svd.svd_rank == 8
 
 
