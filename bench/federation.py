@@ -162,7 +162,6 @@ def selection_data(p: dict[str, Any], folder: Path) -> Path:
 
 
 def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:
-
     run_config = {
         "tasks": p["task"],
         "backbone": p["backbone"],

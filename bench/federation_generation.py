@@ -67,7 +67,6 @@ def total_steps(s: dict[str, Any]) -> int:
 
 
 def federated(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], float]:
-
     run_config = {
         "tasks": "e2e",
         "backbone": "smollm2-135m",
