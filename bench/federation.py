@@ -115,6 +115,12 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "server learning rate 2 (larger server steps)": {"server-learning-rate": 2.0},
     "2 clients a round x 50 rounds (more sequential steps)": {
         "fraction-train": 0.1, "num-rounds": 50, "evaluate-every": 50},
+    # an adaptive server optimizer (Reddi et al., 2021) in place of FedAvgM, at three server rates
+    "FedAdam, server lr 3e-3": {"strategy": "fedadam", "server-learning-rate": 3e-3},
+    "FedAdam, server lr 1e-2": {"strategy": "fedadam", "server-learning-rate": 1e-2},
+    "FedAdam, server lr 3e-2": {"strategy": "fedadam", "server-learning-rate": 3e-2},
+    "logit adjustment tau 2 (stronger label-skew correction)": {"logit-adjustment": 2.0},
+    "frozen shared down-projection (exact aggregation)": EXACT_MODE,
 }
 
 
