@@ -24,7 +24,9 @@ by its stage, side, seed, hyperparameters and the protocol hash; finished runs a
 Federated: Flower's runtime (a local SuperLink in simulation mode, Ray backend), PROTOCOL["clients"]
 clients holding Dirichlet(alpha) label-skewed partitions of the training subset, a fraction of them
 sampled per round, FedAvgM over the adapter experts and the head; federated client evaluation only
-at the last round (the reported accuracy is the server's, on the whole dev set). Centralized: the
+at the last round (the reported accuracy is the server's, on the whole dev set). Client sampling is
+seeded (``federation/sampling.py``); the runs recorded before it was drew each round's clients with
+Flower's unseeded sampling: an equally random draw, but one that a rerun does not repeat. Centralized: the
 project's recipe (``adamix_zoo.recipes.glue``) on the union of the partitions with the same total
 number of optimizer steps (rounds x local steps x clients sampled per round) and batch size.
 

@@ -21,6 +21,7 @@ from federation import ranks
 from federation.config import FederationConfig
 from federation.mods import fault_mod, timing_mod
 from federation.records import from_record, to_record
+from federation.sampling import PARTITION_KEY, REPLY_KEY
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, TASK_KEY
 from federation.task import TaskFamily, family_of
 
@@ -100,3 +101,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         family.save_client_head(model, f"{config[HEAD_DIR]}/{task}/partition-{pid}.safetensors")
     metrics = MetricRecord({NUM_EXAMPLES: len(examples), TASK_KEY: cfg.task_list.index(task), **scores})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """This client's partition id: the server samples clients in partition order
+    (``federation.sampling``), so a seed trains the same partitions in every run."""
+    _, pid = settings(context)
+    return Message(RecordDict({REPLY_KEY: MetricRecord({PARTITION_KEY: pid})}), reply_to=msg)

@@ -211,7 +211,7 @@ class FederationConfig:
         metadata={"help": "Data-to-text: tokens generated per source in the final evaluation."},
     )
     seed: int = field(
-        default=0, metadata={"help": "Seed of partitions, initial experts, heads and routing."}
+        default=0, metadata={"help": "Seed of partitions, initial experts, heads, routing and client sampling."}
     )
     adamix: AdaMixConfig | None = field(
         default=None,

@@ -16,14 +16,17 @@ Every aggregated round also records how far averaging the LoRA factors is from a
 clients' updates (``federation.exactness``). Tensors that must never train (FFA-LoRA's frozen
 shared A) travel, are checked bitwise against what was sent, and are put back into the aggregate
 as sent (so neither rounding, a server optimizer nor DP noise moves them). Clients of smaller LoRA
-ranks and the SVD re-factoring of the mean update are ``federation.ranks``'.
+ranks and the SVD re-factoring of the mean update are ``federation.ranks``'. Each round's clients
+are sampled in partition order with a seeded generator (``federation.sampling``), so one seed trains
+the same clients in every run.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -52,6 +55,7 @@ from flwr.serverapp.strategy import (
 from federation import exactness, ranks
 from federation.config import FederationConfig
 from federation.records import Spec, check_record
+from federation.sampling import ClientOrder
 
 ARRAYS_KEY, METRICS_KEY, CONFIG_KEY = "arrays", "metrics", "config"
 NUM_EXAMPLES = "num-examples"
@@ -170,13 +174,15 @@ class ValidatingStrategy(Strategy):
         svd_rank: re-factor the clients' mean update at this rank (``federation.ranks.refactor``)
             in place of the strategy's factor average; its truncation error is the round's
             aggregation error. None: the strategy's average is the aggregate.
+        order: samples clients reproducibly and aggregates replies in partition order
+            (``federation.sampling``). None: Flower's unseeded sampling, replies as they come.
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
                  max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0,
                  evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0,
                  frozen: Iterable[str] = (), heterogeneous: bool = False,
-                 svd_rank: int | None = None) -> None:
+                 svd_rank: int | None = None, order: ClientOrder | None = None) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
@@ -186,7 +192,7 @@ class ValidatingStrategy(Strategy):
         if not set(self.frozen) <= set(spec):
             raise ValueError(f"frozen tensors not in the spec: {sorted(set(self.frozen) - set(spec))[:3]}")
         self.projections = exactness.lora_projections(spec)
-        self.heterogeneous, self.svd_rank = heterogeneous, svd_rank
+        self.heterogeneous, self.svd_rank, self.order = heterogeneous, svd_rank, order
         self._shapes = {k: shape for k, (shape, _) in spec.items()}
         self._reply_ranks: dict[int, int] = {}  # id of a padded reply -> its rank, this round
         self.log = RoundLog()
@@ -213,7 +219,8 @@ class ValidatingStrategy(Strategy):
                 strategy.current_arrays = arrays
         if not self._enough_clients(server_round, grid, "training"):
             return []
-        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        with self._sampling(grid, server_round, "train") as sampled:
+            messages = list(self.inner.configure_train(server_round, arrays, config, sampled))
         self._sent_at[server_round] = time.perf_counter()
         self._sent = {server_round: arrays}  # only the current round's is needed
         return messages
@@ -223,9 +230,19 @@ class ValidatingStrategy(Strategy):
     ) -> Iterable[Message]:
         if not self.evaluates(server_round) or not self._enough_clients(server_round, grid, "evaluation"):
             return []
-        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        with self._sampling(grid, server_round, "evaluate") as sampled:
+            messages = list(self.inner.configure_evaluate(server_round, arrays, config, sampled))
         self._eval_sent_at[server_round] = time.perf_counter()
         return messages
+
+    @contextmanager
+    def _sampling(self, grid: Grid, server_round: int, phase: str) -> Iterator[Grid]:
+        """The grid Flower's strategy samples from: ``order``'s seeded view, or ``grid`` itself."""
+        if self.order is None:
+            yield grid
+        else:
+            with self.order.sampling(grid, server_round, phase) as ordered:
+                yield ordered
 
     def _enough_clients(self, server_round: int, grid: Grid, phase: str) -> bool:
         """At least ``min_valid`` clients connected, else Flower's sampling would wait forever."""
@@ -241,7 +258,7 @@ class ValidatingStrategy(Strategy):
         self._reply_ranks = {}
         sent = self._sent.get(server_round)
         sent_arrays = {k: v.numpy() for k, v in sent.items()} if self.heterogeneous and sent is not None else None
-        for msg in replies:
+        for msg in self.order.sort(replies) if self.order else replies:
             if sent_arrays is not None:
                 self._pad(msg, sent_arrays)
             problem = reply_problem(msg, self.spec) or self._frozen_problem(server_round, msg)
@@ -395,7 +412,7 @@ class ValidatingStrategy(Strategy):
                 time.perf_counter() - self._eval_sent_at[server_round]
             )
         usable = []  # (task index, num-examples, metrics) of the replies that make sense
-        for msg in replies:
+        for msg in self.order.sort(replies) if self.order else replies:
             if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
                 continue
             metrics = msg.content[METRICS_KEY]
@@ -474,7 +491,8 @@ def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
     svd_rank = cfg.adamix.rank if cfg.aggregation == "svd" else None
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
                               evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen,
-                              heterogeneous=cfg.heterogeneous_ranks, svd_rank=svd_rank)
+                              heterogeneous=cfg.heterogeneous_ranks, svd_rank=svd_rank,
+                              order=ClientOrder(cfg.seed))
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:

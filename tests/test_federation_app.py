@@ -62,8 +62,12 @@ def test_single_task_federation(tiny_env):
     grid = InProcessGrid(app, rc, num_nodes=3)
     outcome = run_federation(grid, FederationConfig.from_run_config(rc))
 
-    # Only adapter experts (and the federated head) travel, both ways; eval replies carry none.
-    records = [m.content["arrays"] for m in grid.sent] + [
+    # Only adapter experts (and the federated head) travel, both ways; eval replies carry none, and
+    # the partition queries (federation.sampling) nothing but each client's partition id.
+    queries = [(m, r) for m, r in zip(grid.sent, grid.replies) if m.metadata.message_type == MessageType.QUERY]
+    assert len(queries) == 3
+    assert all(not m.content and not r.content.array_records for m, r in queries)
+    records = [m.content["arrays"] for m in grid.sent if m.metadata.message_type != MessageType.QUERY] + [
         r.content["arrays"] for r in grid.replies if "arrays" in r.content
     ]
     names = set(records[0].keys())
@@ -155,7 +159,7 @@ def test_multi_task_heads_stay_on_the_clients(tiny_env):
     rc = tiny_run_config(tiny_env, **{"tasks": "sst2,rte", "num-clients": 2, "num-rounds": 1})
     grid = InProcessGrid(app, rc, num_nodes=2)
     outcome = run_federation(grid, FederationConfig.from_run_config(rc))
-    for record in [m.content["arrays"] for m in grid.sent] + [
+    for record in [m.content["arrays"] for m in grid.sent if m.metadata.message_type != MessageType.QUERY] + [
         r.content["arrays"] for r in train_replies(grid, 1)
     ]:
         assert record and all(travelling_name(n) and not n.startswith(HEAD_PREFIX) for n in record)

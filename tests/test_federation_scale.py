@@ -1,20 +1,23 @@
-"""Scale and faults on the in-process grid (tiny model): sampled clients, the evaluation cadence,
+"""Scale and faults on the in-process grid (tiny model): sampled clients (reproducibly), the evaluation cadence,
 clients that crash or straggle past the round timeout, the wait for clients, the client model
 cache, and the client timing that the benchmark's round overhead is made of."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 
 from adamix_zoo.formats.files import EXPERTS_FILE, read_safetensors
 from federation.client_app import app
 from federation.config import FederationConfig
 from federation.mods import injected_fault
 from federation.records import HEAD_PREFIX
+from federation.sampling import PARTITION_KEY, REPLY_KEY, ClientOrder
 from federation.server_app import FederationError, run_federation
 from tests.test_federation_support import InProcessGrid, make_glue, tiny_run_config
 
@@ -74,6 +77,62 @@ def test_twenty_clients_sampled_per_round_and_only_the_sampled_are_aggregated(ti
     # Each client's whole handler time covers its training loop.
     for handler, loop in zip(log["client_handler_seconds"].values(), log["client_train_seconds"].values()):
         assert len(handler) == 5 and all(h >= t > 0 for h, t in zip(handler, loop))
+
+
+class DrawnIdsGrid(InProcessGrid):
+    """Node ids drawn at random, as a SuperLink draws them, listed in no particular order;
+    partition i is still partition i."""
+
+    def __init__(self, app, run_config: dict, num_nodes: int, draw: int) -> None:
+        super().__init__(app, run_config, num_nodes)
+        ids = random.Random(draw).sample(range(10**6, 10**9), num_nodes)
+        self.contexts = {new: Context(run_id=1, node_id=new, node_config=ctx.node_config, state=ctx.state,
+                                      run_config=ctx.run_config) for new, ctx in zip(ids, self.contexts.values())}
+        self.partition = {new: ctx.node_config["partition-id"] for new, ctx in self.contexts.items()}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+
+def test_one_seed_trains_the_same_partitions_whatever_the_node_ids(tiny_env):
+    make_glue(tiny_env / "data", rows=400)
+    runs = []
+    for i, (seed, draw) in enumerate([(0, 1), (0, 2), (1, 1)]):
+        rc = tiny_run_config(tiny_env, **{"num-clients": 20, "num-rounds": 3, "fraction-train": 0.25,
+                                          "seed": seed, "publish": False, "output-dir": str(tiny_env / f"out{i}")})
+        grid = DrawnIdsGrid(app, rc, 20, draw)
+        random.seed(draw)  # whatever state Python's generator is in
+        outcome = run_federation(grid, FederationConfig.from_run_config(rc))
+        sampled = [[grid.partition[m.metadata.dst_node_id] for m in sent]
+                   for kind, sent, _ in grid.exchanges if kind == "train"]
+        runs.append((sampled, read_safetensors(outcome.folder / EXPERTS_FILE)))
+    (first, experts), (again, experts_again), (other, _) = runs
+    assert first == again and len(first) == 3 and all(len(set(s)) == 5 for s in first)
+    assert first != other  # another seed samples other clients
+    assert experts.keys() == experts_again.keys()
+    for name in experts:  # replies aggregated in partition order: bitwise the same global experts
+        assert torch.equal(experts[name], experts_again[name]), name
+
+
+def test_nodes_without_a_partition_id_are_sampled_after_the_others():
+    class Grid:
+        def get_node_ids(self):
+            return [7, 5, 9]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for msg, pid in zip(messages, [2, None, 0]):  # node 5 answers with an error
+                if pid is None:
+                    replies.append(Message(Error(1, "no partition-id"), reply_to=msg))
+                else:
+                    content = RecordDict({REPLY_KEY: MetricRecord({PARTITION_KEY: pid})})
+                    replies.append(Message(content, reply_to=msg))
+            return replies
+
+    order = ClientOrder(seed=0)
+    with order.sampling(Grid(), 1, "train") as grid:
+        assert grid.get_node_ids() == [9, 7, 5]
+    assert order.partitions == {7: 2, 9: 0}
 
 
 def test_crashing_clients_are_dropped_and_the_round_aggregates_the_rest(tiny_env):

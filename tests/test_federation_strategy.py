@@ -247,10 +247,13 @@ def test_strategy_selection(name, dp, inner, outer):
 
 
 class TwoNodes:
-    """The part of a Flower Grid that ``configure_train`` uses."""
+    """The part of a Flower Grid that ``configure_train`` uses; no node answers the partition query."""
 
     def get_node_ids(self) -> list[int]:
         return [1, 2]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list:
+        return []
 
 
 def as_record(tensors: dict[str, np.ndarray]) -> ArrayRecord:
