@@ -123,6 +123,8 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "FedAdam, server lr 3e-2": {"strategy": "fedadam", "server-learning-rate": 3e-2},
     "logit adjustment tau 2 (stronger label-skew correction)": {"logit-adjustment": 2.0},
     "frozen shared down-projection (exact aggregation)": EXACT_MODE,
+    # not at equal steps: whether the federation catches up when it may train longer
+    "40 rounds (twice the clients' steps)": {"num-rounds": 40, "evaluate-every": 40},
 }
 
 
