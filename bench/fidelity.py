@@ -187,10 +187,12 @@ def execute(jobs: list[dict[str, Any]], protocol: dict[str, Any], data_dir: str,
             done: dict[str, dict[str, Any]], log: Path = LOG) -> None:
     """Run the jobs not yet in ``done``, appending each finished run to ``log`` as it lands."""
     pid = protocol_id(protocol)
-    todo = [j for j in jobs if run_key(j) not in done]
+    # Longest first, so that the last runs of a batch, which leave a worker idle, are short ones.
+    todo = sorted((j for j in jobs if run_key(j) not in done), key=lambda j: -estimated_cpu_s(j, done))
     if not todo:
         return
-    print(f"{len(todo)} runs to do", flush=True)
+    print(f"{len(todo)} runs to do, about {sum(estimated_cpu_s(j, done) for j in todo) / 3600:.1f} "
+          "CPU hours", flush=True)
 
     def record(run: dict[str, Any]) -> None:
         run["protocol_id"] = pid
@@ -210,6 +212,27 @@ def execute(jobs: list[dict[str, Any]], protocol: dict[str, Any], data_dir: str,
         futures = [pool.submit(run_one, j, protocol, data_dir) for j in todo]
         for future in as_completed(futures):
             record(future.result())
+
+
+def estimated_cpu_s(job: dict[str, Any], done: dict[str, dict[str, Any]]) -> float:
+    """The CPU seconds a job should take: its steps at the per-step cost of the finished runs of its
+    method and task (of all finished runs while it has none; 1 s a step before any)."""
+    def per_step(runs: list[dict[str, Any]]) -> float | None:
+        return _mean([r["cpu_s"] / r["max_steps"] for r in runs])
+
+    runs = list(done.values())
+    same = [r for r in runs if r["method"] == job["method"] and r["task"] == job["task"]]
+    return (per_step(same) or per_step(runs) or 1.0) * job["max_steps"]
+
+
+def pending_jobs(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], seeds: tuple[int, ...],
+                 steps: int) -> list[dict[str, Any]]:
+    """The grid, report and curve runs not done yet, as far as they are known: a method whose grid
+    is not complete stands in at its first rate (the cost does not depend on it), and a grid
+    that widens adds runs."""
+    lrs = {m: LR_GRID[m][0] for m in METHODS} | chosen_lr(done, tasks, steps)
+    jobs = grid_jobs(done, tasks, steps) + report_jobs(tasks, seeds, lrs, steps) + curve_jobs(tasks, seeds, lrs)
+    return [j for j in jobs if run_key(j) not in done]
 
 
 def _cpu_seconds() -> float:
@@ -464,7 +487,7 @@ by 2x past an edge while the best rate sits on it) on seed
 Scores x100: accuracy (rte, sst2), F1 (mrpc), Pearson (stsb).
 
 Command: `python bench/fidelity.py` ({fmt(cpu_total / 3600)} CPU hours so far, run as 2 single-threaded
-workers; machine: {json.dumps(machine())}).
+workers; machine: {json.dumps(machine())}). {_left(done, tasks, seeds, steps)}
 
 ### Task averages (seeds {', '.join(map(str, seeds))})
 {markdown_table(["method", "1x", "2x"], avg_rows)}
@@ -484,6 +507,15 @@ STS-B adamix-lora worst seed at its best budget ({summary['stsb_adamix_lora_best
 ### Per seed
 {seeds_table(done, tasks, seeds, lrs, steps)}
 """
+
+
+def _left(done, tasks, seeds, steps: int) -> str:
+    pending = pending_jobs(done, tasks, seeds, steps)
+    if not pending:
+        return "Every run is done."
+    hours = sum(estimated_cpu_s(j, done) for j in pending) / 3600
+    return (f"Left: {len(pending)} runs, about {hours:.1f} CPU hours (from the finished runs' cost per "
+            "step; more if a grid widens).")
 
 
 def write_report(done, protocol, tasks, seeds, steps: int, quick: bool) -> dict[str, Any]:
@@ -535,10 +567,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 while jobs := [j for j in grid_jobs(done, tasks, steps) if run_key(j) not in done]:
                     execute(jobs, protocol, opts.data_dir, opts.workers, done, log)  # may widen the grid
             lrs = chosen_lr(done, tasks, steps)
-            if opts.stage in ("report", "all"):
-                execute(report_jobs(tasks, seeds, lrs, steps), protocol, opts.data_dir, opts.workers, done, log)
-            if opts.stage in ("curve", "all"):
-                execute(curve_jobs(tasks, seeds, lrs), protocol, opts.data_dir, opts.workers, done, log)
+            # one batch for both stages: no worker waits for the other's last run in between
+            jobs = report_jobs(tasks, seeds, lrs, steps) if opts.stage in ("report", "all") else []
+            jobs += curve_jobs(tasks, seeds, lrs) if opts.stage in ("curve", "all") else []
+            execute(jobs, protocol, opts.data_dir, opts.workers, done, log)
             if opts.stage in ("merge", "all") and not opts.quick:
                 cross_task_merge(done, tasks, lrs)
     results = write_report(done, protocol, tasks, seeds, steps, opts.quick)
