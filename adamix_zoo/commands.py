@@ -86,6 +86,7 @@ def train_command(
     lr: float | None = _opt("lr"),
     head_lr: float | None = _opt("head_lr"),
     weight_decay: float | None = _opt("weight_decay"),
+    expert_lr_scale: float = _opt("expert_lr_scale"),
     warmup_ratio: float = _opt("warmup_ratio"),
     max_grad_norm: float = _opt("max_grad_norm"),
     max_length: int | None = _opt("max_length"),
@@ -144,7 +145,7 @@ def _train_generation(values: dict[str, Any]) -> None:
     renamed = {"train_size": v.pop("train_subset", 0), "eval_size": v.pop("validation_subset", 0),
                "steps": v.pop("max_steps", 0), "lr": v.pop("lr", None)}
     shared = ("task", "method", "seed", "data_dir", "max_length", "batch_size", "warmup_ratio", "weight_decay",
-              "max_grad_norm", "precision", *_MIXTURE)
+              "expert_lr_scale", "max_grad_norm", "precision", *_MIXTURE)
     options = {k: x for k, x in v.items() if k in shared} | {k: x for k, x in renamed.items() if x}
     options["backbone"] = "smollm2-135m" if v["backbone"] == _FIELDS["backbone"].default else v["backbone"]
     options["output_dir"] = v.get("output_dir") or f"runs/{v['task']}-{v['method']}-s{v['seed']}"

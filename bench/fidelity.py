@@ -92,6 +92,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "num_experts=2": ("adamix-lora", ROW | {"num_experts": 2}),
     "sharing=down": ("adamix-lora", ROW | {"sharing": "down"}),
     "second_pass=target": ("adamix-lora", ROW | {"second_pass": "target"}),
+    # the 1/K correction: each expert's rate times sqrt(K) = 2, with either routing
+    "expert_lr_scale=2": ("adamix-lora", ROW | {"expert_lr_scale": 2.0}),
+    "routing=batch, expert_lr_scale=2": ("adamix-lora", ROW | {"routing": "batch", "expert_lr_scale": 2.0}),
     "adapter": ("adapter", {"adapter_init": "normal"}),
     "adamix-adapter: row routing, identical init": ("adamix-adapter", ROW | {"adapter_init": "normal"}),
     "adamix-adapter routing=batch, expert_init=independent": (

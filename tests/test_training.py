@@ -145,6 +145,28 @@ def test_warmup_then_linear_decay():
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
 
 
+def test_expert_lr_scale_multiplies_the_routed_experts_rate_alone(env):
+    setup = prepare(args_for(env, "adamix-lora", head_lr=1e-2, expert_lr_scale=2.0))
+    model = setup.model
+    opt = make_optimizer(model, 1e-3, head_lr=1e-2, expert_lr_scale=2.0)
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    seen = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        seen.add(leaf if not name.startswith("head.") else "head")
+        if name.startswith("head."):
+            assert rate[id(param)] == 1e-2, name
+        elif leaf == "adamix_lora_A":  # K=4 experts (B is shared by default)
+            assert param.shape[0] == 4 and rate[id(param)] == 2e-3, name
+        else:
+            assert param.shape[0] == 1 and rate[id(param)] == 1e-3, name
+    assert {"adamix_lora_A", "adamix_lora_B", "head"} <= seen
+    with pytest.raises(ValueError, match="expert_lr_scale"):
+        args_for(env, "adamix-lora", expert_lr_scale=0.0)
+
+
 def test_train_steps_reuses_a_model_and_loader(env):
     """The federation entry point: N steps on an existing model, consistency from its config."""
     setup = prepare(args_for(env, "adamix-lora"))

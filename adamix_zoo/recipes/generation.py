@@ -29,7 +29,7 @@ from adamix_zoo.generation.nlg_tasks import PROMPT_TEMPLATE, get_nlg_task
 from adamix_zoo.generation.objective import generation_adamix, lm_loss_fn
 from adamix_zoo.loop import train_steps
 from adamix_zoo.model import AdaMixModel
-from adamix_zoo.optim import make_scheduler
+from adamix_zoo.optim import EXPERT_LR_SCALE_HELP, make_optimizer, make_scheduler
 from adamix_zoo.plots import plot_curve
 from adamix_zoo.runtime import PRECISIONS, resolve_precision, seed_everything, select_device
 
@@ -59,6 +59,7 @@ class GenerationArgs:
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps with linear warmup."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    expert_lr_scale: float = field(default=1.0, metadata={"help": EXPERT_LR_SCALE_HELP})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     num_beams: int = field(default=1, metadata={"help": "1 greedy, more: beam search."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generated tokens per input."})
@@ -68,6 +69,8 @@ class GenerationArgs:
         get_nlg_task(self.task)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not supported; choose one of {', '.join(METHODS)}")
+        if not self.expert_lr_scale > 0:
+            raise ValueError(f"expert_lr_scale must be > 0, got {self.expert_lr_scale}")
         for name in ("train_size", "eval_size", "max_length", "batch_size", "steps", "num_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -99,8 +102,7 @@ def load_backbone(name: str, device: torch.device):
 
 def train_lm(model: AdaMixModel, loader: DataLoader, args: GenerationArgs, device, log) -> list[dict]:
     """The optimizer steps; returns one record (step, loss, lr) per ``LOG_EVERY`` steps and the last."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, expert_lr_scale=args.expert_lr_scale)
     scheduler = make_scheduler(optimizer, args.steps, math.ceil(args.warmup_ratio * args.steps), warmup_offset=0)
     records: list[dict] = []
 

@@ -28,7 +28,7 @@ from adamix_zoo.glue_tasks import TaskSpec, get_task
 from adamix_zoo.heads import POOLINGS, TaskModel
 from adamix_zoo.loop import cycle_batches, load_trainable_state, train_steps, trainable_state
 from adamix_zoo.model import AdaMixModel
-from adamix_zoo.optim import make_optimizer, make_scheduler
+from adamix_zoo.optim import EXPERT_LR_SCALE_HELP, make_optimizer, make_scheduler
 from adamix_zoo.runtime import PRECISIONS, resolve_precision, seed_everything, select_device, setup_distributed
 from adamix_zoo.task_model import build_task_model
 
@@ -67,6 +67,7 @@ class TrainArgs:
     head_lr: float | None = _help("Peak learning rate of the freshly drawn task head; None uses lr.",
                                   DEFAULT_HEAD_LR)
     weight_decay: float = _help("AdamW weight decay (not on biases and norms).", 0.01)
+    expert_lr_scale: float = _help(EXPERT_LR_SCALE_HELP, 1.0)
     warmup_ratio: float = _help("Fraction of the steps with a linear warmup.", 0.06)
     max_grad_norm: float = _help("Gradient clipping norm; 0 disables clipping.", 1.0)
     max_length: int = _help("Tokens per example after truncation.", 128)
@@ -103,7 +104,7 @@ class TrainArgs:
             raise ValueError(f"precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("lr", "head_lr"):
+        for name in ("lr", "head_lr", "expert_lr_scale"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         adamix_config(self)
@@ -220,7 +221,7 @@ def fit(setup: RunSetup) -> TrainResult:
 
     args, task, model = setup.args, setup.task, setup.model
     total, warmup, interval = _schedule(args, len(setup.loaders.train))
-    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, args.head_lr)
+    optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, args.head_lr, args.expert_lr_scale)
     scheduler = make_scheduler(optimizer, total, warmup)
     precision = resolve_precision(args.precision, setup.device)
     writer = RunWriter(setup) if args.save and setup.rank == 0 else None
