@@ -133,10 +133,12 @@ def load_runs(pid: str, log: Path = LOG) -> dict[str, dict[str, Any]]:
 
 
 def _is_default(changes: dict[str, Any]) -> bool:
+    """Whether every change is the library default (the mixture's, or else the recipe's)."""
     from adamix_zoo.config import AdaMixConfig
+    from adamix_zoo.recipes.glue import TrainArgs
 
-    default = AdaMixConfig()
-    return all(getattr(default, k) == v for k, v in changes.items())
+    mixture, recipe = AdaMixConfig(), TrainArgs()
+    return all(getattr(mixture if hasattr(mixture, k) else recipe, k) == v for k, v in changes.items())
 
 
 def spec(task: str, method: str, seed: int, lr: float, steps: int, variant: str | None = None,
