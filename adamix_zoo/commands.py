@@ -167,7 +167,8 @@ _RUN_DIR = typer.Argument(..., help="A folder written by `adamix-zoo train`.")
 def eval_command(
     run_dir: Path = _RUN_DIR,
     data_dir: str | None = typer.Option(
-        None, envvar="ADAMIX_DATA_DIR", help="Local folder of tasks; None reads nyu-mll/glue."
+        None, envvar="ADAMIX_DATA_DIR",
+        help="Local folder of tasks; default: the folder the run trained on, else nyu-mll/glue.",
     ),
     merged: bool = typer.Option(False, help="Evaluate merged/ (the single merged adapter)."),
     routing: str = typer.Option("merged", help="Expert routing: merged, fixed or random."),

@@ -175,6 +175,12 @@ def load_run(run_dir: str | Path, merged: bool = False, check_fingerprint: bool 
     return model.eval(), config
 
 
+def run_data_dir(data_dir: str | None, train_args: dict[str, Any]) -> str | None:
+    """The data to evaluate a run on: ``data_dir`` when given, else the folder the run trained on
+    (run_config.json), else None (the hub)."""
+    return data_dir or train_args.get("data_dir")
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | None = None,
@@ -187,7 +193,8 @@ def evaluate_run(
     precision: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a run folder on its task's validation split (as configured at training time);
-    ``precision`` None evaluates in the precision the run was evaluated in while training."""
+    ``data_dir`` None reads the run's own (``run_data_dir``); ``precision`` None evaluates in the
+    precision the run was evaluated in while training."""
     from transformers import AutoTokenizer
 
     from adamix_zoo.backbones import resolve_backbone
@@ -198,7 +205,7 @@ def evaluate_run(
     if isinstance(model.backbone, AdaMixModel):
         model.backbone.set_eval_routing(routing, expert)
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(config["backbone"]))
-    validation = load_validation(task, data_dir, validation_subset, train_args["data_seed"])
+    validation = load_validation(task, run_data_dir(data_dir, train_args), validation_subset, train_args["data_seed"])
     loader = eval_loader(validation, task, tokenizer, train_args["max_length"], batch_size)
     target = select_device(device)
     precision = resolve_precision(precision or train_args.get("precision", "fp32"), target)
@@ -212,7 +219,8 @@ def analyze_run(
     validation_subset: int = 0,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """``analyze_experts`` on a run folder's experts; writes experts_analysis.json and the plot."""
+    """``analyze_experts`` on a run folder's experts (on ``run_data_dir``'s data); writes
+    experts_analysis.json and the plot."""
     from transformers import AutoTokenizer
 
     from adamix_zoo.backbones import resolve_backbone
@@ -223,7 +231,7 @@ def analyze_run(
     model, config = load_run(run_dir)
     task, train_args = get_task(config["task"]), config["train"]
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(config["backbone"]))
-    validation = load_validation(task, data_dir, validation_subset, train_args["data_seed"])
+    validation = load_validation(task, run_data_dir(data_dir, train_args), validation_subset, train_args["data_seed"])
     loader = eval_loader(validation, task, tokenizer, train_args["max_length"])
     target = select_device(device)
     precision = resolve_precision(train_args.get("precision", "fp32"), target)

@@ -225,6 +225,10 @@ def test_cli_train_then_eval(env, tmp_path):
     res = runner.invoke(app, ["eval", str(out), "--data-dir", env["data_dir"]])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output[res.output.index("{"):])["accuracy"] == pytest.approx(summary["accuracy"])
+    # without --data-dir: the data the run trained on (its run_config.json), not the hub
+    res = runner.invoke(app, ["eval", str(out)], env={"ADAMIX_DATA_DIR": ""})
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["accuracy"] == pytest.approx(summary["accuracy"])
     bad = runner.invoke(app, ["train", "--method", "nope", "--backbone", env["backbone"]])
     assert bad.exit_code != 0 and "method='nope'" in bad.output
     no_data = runner.invoke(app, ["train", "--backbone", env["backbone"], "--data-dir", str(tmp_path)])
