@@ -192,12 +192,12 @@ def execute(jobs: list[dict[str, Any]], protocol: dict[str, Any], data_dir: str,
             done: dict[str, dict[str, Any]], log: Path = LOG) -> None:
     """Run the jobs not yet in ``done``, appending each finished run to ``log`` as it lands."""
     pid = protocol_id(protocol)
+    cost = {run_key(j): estimated_cpu_s(j, done) for j in jobs if run_key(j) not in done}
     # Longest first, so that the last runs of a batch, which leave a worker idle, are short ones.
-    todo = sorted((j for j in jobs if run_key(j) not in done), key=lambda j: -estimated_cpu_s(j, done))
+    todo = sorted((j for j in jobs if run_key(j) in cost), key=lambda j: -cost[run_key(j)])
     if not todo:
         return
-    print(f"{len(todo)} runs to do, about {sum(estimated_cpu_s(j, done) for j in todo) / 3600:.1f} "
-          "CPU hours", flush=True)
+    print(f"{len(todo)} runs to do, about {sum(cost.values()) / 3600:.1f} CPU hours", flush=True)
 
     def record(run: dict[str, Any]) -> None:
         run["protocol_id"] = pid
