@@ -54,7 +54,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.report import RESULTS, data_root, machine, markdown_table, simulate, write_json, write_section  # noqa: E402
+from bench.report import (  # noqa: E402
+    RESULTS,
+    data_root,
+    machine,
+    markdown_table,
+    require_fast_bf16,
+    simulate,
+    write_json,
+    write_section,
+)
 
 COMMAND = ".venv/bin/python bench/federation.py"
 TARGET_RATIO = 0.95
@@ -87,6 +96,10 @@ PROTOCOL: dict[str, Any] = {
     "selection_rows": 872,
     "selection_split_seed": 1234,
 }
+# Both sides' precision: what every run recorded before it was pinned ran as ('auto' on CPUs with AMX);
+# pinned, outside PROTOCOL's hash so those runs still count, so that a run means the same on any
+# machine. A diagnosis may override it ("precision" in its run-config overrides).
+PRECISION = "bf16"
 QUICK = {"rounds": 2, "local_steps": 3, "batch_size": 8, "train_limit": 2000, "eval_limit": 200,
          "max_length": 32, "selection_rows": 200}  # 20 Dirichlet partitions need ~100 rows each
 # head_learning_rate 0: the head at the adapters' rate; 1e-2: the GLUE recipe's head rate. Server
@@ -125,10 +138,13 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "frozen shared down-projection (exact aggregation)": EXACT_MODE,
     # not at equal steps: whether the federation catches up when it may train longer
     "40 rounds (twice the clients' steps)": {"num-rounds": 40, "evaluate-every": 40},
+    # The rows below ran on a CPU without fast bf16 (AVX2 only), where the clients' 'auto' precision is
+    # fp32; the rows above ran in bf16 autocast. "chosen setting in fp32" is their reference.
+    "chosen setting in fp32": {"precision": "fp32"},
     # equal steps, split differently: more clients a round, or more rounds of fewer local steps
-    "10 clients a round x 3 local steps": {"fraction-train": 0.5, "local-steps": 3},
-    "40 rounds x 3 local steps": {"num-rounds": 40, "local-steps": 3, "evaluate-every": 40},
-    "server momentum 0.8": {"server-momentum": 0.8},
+    "10 clients a round x 3 local steps": {"fraction-train": 0.5, "local-steps": 3, "precision": "fp32"},
+    "40 rounds x 3 local steps": {"num-rounds": 40, "local-steps": 3, "evaluate-every": 40, "precision": "fp32"},
+    "server momentum 0.8": {"server-momentum": 0.8, "precision": "fp32"},
 }
 
 
@@ -205,6 +221,7 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
         "strategy": p["strategy"],
         "server-learning-rate": p["server_learning_rate"],
         "server-momentum": hp["server_momentum"],
+        "precision": PRECISION,
     } | (extra or {})
     metrics, wall = simulate(run_config, timeout=3600)
     log = metrics["federation"]
@@ -240,6 +257,7 @@ def centralized(p: dict, hp: dict, seed: int, root: Path, out: Path) -> dict:
         train_subset=p["train_limit"],
         validation_subset=p["eval_limit"],
         eval_every=steps,
+        precision=PRECISION,
         progress=False,
     )
     start = time.perf_counter()
@@ -305,6 +323,14 @@ def generation_case():
     return run_generation_case
 
 
+def job_precision(spec: dict) -> str:
+    if spec["side"] == "generation":
+        from bench.federation_generation import PRECISION as generation_precision
+
+        return generation_precision
+    return DIAGNOSES.get(spec["side"], {}).get("precision", PRECISION)
+
+
 def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: Path) -> None:
     """Run every job not finished yet, appending each result to ``log`` as it completes."""
     roots = {"select": None, "report": data_dir()}
@@ -315,6 +341,8 @@ def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: 
         if roots[data] is None:
             roots[data] = selection_data(p, tmp / "selection-data")
         root, out = roots[data], tmp / f"run-{len(done)}"
+        if not quick and job_precision(spec) == "bf16":
+            require_fast_bf16(f"bench/federation.py ({spec['stage']}, {spec['side']})")
         print(f"running {run_key(spec)}", flush=True)
         if spec["side"] == "centralized":
             result = centralized(p, spec["hp"], spec["seed"], root, out / "central")

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import RESULTS, ROOT, machine, markdown_table, write_json, write_section
+from bench.report import RESULTS, ROOT, machine, markdown_table, require_fast_bf16, write_json, write_section
 
 TASKS = ("rte", "mrpc", "stsb", "sst2")
 METHODS = ("full", "lora", "adapter", "adamix-lora", "adamix-adapter")
@@ -564,6 +564,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = Path(tempfile.mkdtemp()) / "quick_runs.jsonl" if opts.quick else LOG
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = load_runs(protocol_id(protocol), log)
+    if not opts.report_only and not opts.quick and protocol["precision"] == "bf16":
+        require_fast_bf16("bench/fidelity.py")
     if not opts.report_only:
         if opts.ablation:
             execute(ablation_jobs(ABLATION_TASKS, steps), protocol, opts.data_dir, opts.workers, done, log)

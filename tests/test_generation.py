@@ -97,8 +97,9 @@ def test_prompt_tokens_are_masked_and_batches_padded():
 def test_lm_consistency_adds_a_masked_kl_term():
     torch.manual_seed(0)
     model, tokenizer, features = _toy_setup("llama", "adamix-lora")
-    with torch.no_grad():
+    with torch.no_grad():  # distinct A experts (they start identical) and a non-zero shared B
         for m in model.mixtures().values():
+            m.adamix_lora_A.normal_()
             m.adamix_lora_B.normal_()
     batch = collate_lm(features[:4], tokenizer.pad_token_id)
     model.train()
@@ -106,7 +107,8 @@ def test_lm_consistency_adds_a_masked_kl_term():
     plain = lm_loss(model, batch, 0.0)
     model.seed_routing(1)
     with_kl = lm_loss(model, batch, 10.0)
-    assert with_kl.item() > plain.item()  # passes differ, so the KL term is positive
+    # the two passes route through different experts, so the KL term is clearly positive
+    assert with_kl.item() > plain.item() + 1e-3
 
 
 def test_metrics_agree_with_known_values():
