@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.report import RESULTS, machine, markdown_table, write_json, write_section  # noqa: E402
+from bench.report import RESULTS, machine, markdown_table, require_fast_bf16, write_json, write_section  # noqa: E402
 
 BUDGETS = (150, 300, 600)
 MAX_BUDGET = 2400
@@ -210,6 +210,8 @@ def main() -> None:
             print(one_run(job(method, 0, 3, weight), PROTOCOL | QUICK, args.data_dir))
         return
     done = load_runs(protocol_id(PROTOCOL))
+    if not args.report_only and PROTOCOL["precision"] == "bf16":
+        require_fast_bf16("bench/generation.py")
     if not args.report_only:
         execute([job("lora", SEARCH_SEED, n) for n in BUDGETS], PROTOCOL, args.data_dir, args.workers, done)
         while (budget := levelled_budget(done)) is None:

@@ -1,0 +1,23 @@
+"""The benchmarks' precision guard: a bf16 protocol refuses a CPU that would emulate bf16."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import federation, report
+
+
+def test_a_bf16_benchmark_exits_naming_the_cpu_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.setattr(report.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(report, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(SystemExit, match="bench/fidelity.py runs in bf16 autocast.*no fast bf16 matmul"):
+        report.require_fast_bf16("bench/fidelity.py")
+    monkeypatch.setattr(report, "cpu_has_fast_bf16", lambda: True)
+    report.require_fast_bf16("bench/fidelity.py")  # AMX or AVX-512 bf16: runs
+
+
+def test_federation_runs_keep_the_pinned_precision_unless_a_diagnosis_overrides_it():
+    fp32 = next(name for name, overrides in federation.DIAGNOSES.items() if overrides.get("precision") == "fp32")
+    assert federation.job_precision(federation.job("diagnose", fp32, 0, {})) == "fp32"
+    for side in ("federated", "centralized", "exact", "ranks"):
+        assert federation.job_precision(federation.job("report", side, 0, {})) == federation.PRECISION == "bf16"
