@@ -492,7 +492,9 @@ by 2x past an edge while the best rate sits on it) on seed
 Scores x100: accuracy (rte, sst2), F1 (mrpc), Pearson (stsb).
 
 Command: `python bench/fidelity.py` ({fmt(cpu_total / 3600)} CPU hours so far, run as 2 single-threaded
-workers; machine: {json.dumps(machine())}). {_left(done, tasks, seeds, steps)}
+workers; this report written on: {json.dumps(machine())}). {_left(done, tasks, seeds, steps)}
+The runs need fast bf16 matmuls (a CPU with AMX or AVX-512 bf16, or a CUDA GPU): elsewhere bf16 is
+emulated, tens of times slower than fp32, and the script exits before it starts a run.
 
 ### Task averages (seeds {', '.join(map(str, seeds))})
 {markdown_table(["method", "1x", "2x"], avg_rows)}
