@@ -324,6 +324,7 @@ def generation_case():
 
 
 def job_precision(spec: dict) -> str:
+    """The precision a job trains in: the pinned one, a diagnosis's override, the generation case's."""
     if spec["side"] == "generation":
         from bench.federation_generation import PRECISION as generation_precision
 

@@ -566,9 +566,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = Path(tempfile.mkdtemp()) / "quick_runs.jsonl" if opts.quick else LOG
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = load_runs(protocol_id(protocol), log)
-    if not opts.report_only and not opts.quick and protocol["precision"] == "bf16":
-        require_fast_bf16("bench/fidelity.py")
     if not opts.report_only:
+        if not opts.quick and protocol["precision"] == "bf16":
+            require_fast_bf16("bench/fidelity.py")
         if opts.ablation:
             execute(ablation_jobs(ABLATION_TASKS, steps), protocol, opts.data_dir, opts.workers, done, log)
         else:

@@ -210,9 +210,9 @@ def main() -> None:
             print(one_run(job(method, 0, 3, weight), PROTOCOL | QUICK, args.data_dir))
         return
     done = load_runs(protocol_id(PROTOCOL))
-    if not args.report_only and PROTOCOL["precision"] == "bf16":
-        require_fast_bf16("bench/generation.py")
     if not args.report_only:
+        if PROTOCOL["precision"] == "bf16":
+            require_fast_bf16("bench/generation.py")
         execute([job("lora", SEARCH_SEED, n) for n in BUDGETS], PROTOCOL, args.data_dir, args.workers, done)
         while (budget := levelled_budget(done)) is None:
             execute([job("lora", SEARCH_SEED, next_budget(done))], PROTOCOL, args.data_dir, args.workers, done)
