@@ -554,8 +554,9 @@ def report(r: dict, done: dict) -> str:
         + ("\n\nThe last four rows ran in fp32 (a CPU without fast bf16), the others in bf16 autocast. The "
            "chosen setting itself fell from 0.8532 to 0.8005 in fp32: the numerics alone move one run by 5 "
            "points. Against that fp32 reference, 10 clients a round x 3 local steps (0.8544) and 40 rounds "
-           "x 3 steps (0.8498) lead by 5 points and momentum 0.8 by 3. At that noise a single seed is a lead "
-           "to confirm on a second seed, not a result." if r["diagnoses"] else "")
+           "x 3 steps (0.8498) led by 5 points and momentum 0.8 by 3; on seed 1 the order flipped (0.7993 "
+           "for 10 x 3 against the reference's 0.8498), so over both seeds 10 x 3 and the chosen split are "
+           "level (0.827 and 0.825). At this noise one seed ranks nothing." if r["diagnoses"] else "")
         + "\n\nChosen on seed 0 alone, the federated side took momentum 0.6, lr 2e-3, head 1e-2, no logit "
         "adjustment (0.8589), which fell to 0.7844 on seed 1; on the dev set it reached ratios 0.9466, 0.9438 "
         "and 0.9793 on seeds 0, 1 and 2 (its runs are in the runs file). Per-seed dev ratios swing by about "
