@@ -345,8 +345,8 @@ def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: 
         if roots[data] is None:
             roots[data] = selection_data(p, tmp / "selection-data")
         root, out = roots[data], tmp / f"run-{len(done)}"
-        if not quick and job_precision(spec) == "bf16":
-            require_fast_bf16(f"bench/federation.py ({spec['stage']}, {spec['side']})")
+        if not quick:
+            require_fast_bf16(job_precision(spec), f"bench/federation.py ({spec['stage']}, {spec['side']})")
         print(f"running {run_key(spec)}", flush=True)
         if spec["side"] == "centralized":
             result = centralized(p, spec["hp"], spec["seed"], root, out / "central")

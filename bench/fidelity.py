@@ -567,8 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = load_runs(protocol_id(protocol), log)
     if not opts.report_only:
-        if not opts.quick and protocol["precision"] == "bf16":
-            require_fast_bf16("bench/fidelity.py")
+        if not opts.quick:
+            require_fast_bf16(protocol["precision"], "bench/fidelity.py")
         if opts.ablation:
             execute(ablation_jobs(ABLATION_TASKS, steps), protocol, opts.data_dir, opts.workers, done, log)
         else:

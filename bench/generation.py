@@ -211,8 +211,7 @@ def main() -> None:
         return
     done = load_runs(protocol_id(PROTOCOL))
     if not args.report_only:
-        if PROTOCOL["precision"] == "bf16":
-            require_fast_bf16("bench/generation.py")
+        require_fast_bf16(PROTOCOL["precision"], "bench/generation.py")
         execute([job("lora", SEARCH_SEED, n) for n in BUDGETS], PROTOCOL, args.data_dir, args.workers, done)
         while (budget := levelled_budget(done)) is None:
             execute([job("lora", SEARCH_SEED, next_budget(done))], PROTOCOL, args.data_dir, args.workers, done)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from adamix_zoo.runtime import cpu_has_fast_bf16
+from adamix_zoo.runtime import resolve_precision, select_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -59,17 +59,22 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
-        "fast_bf16": torch.cuda.is_available() or cpu_has_fast_bf16(),
+        "fast_bf16": bf16_is_fast(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
-def require_fast_bf16(what: str) -> None:
-    """Exit, naming the problem, before ``what`` runs bf16 autocast on a CPU without fast bf16
-    matmuls (AMX or AVX-512 bf16). There bf16 is emulated: a 1024x384x1536 matmul took 990 ms
-    against fp32's 18 ms on an AVX2-only EPYC, so a bf16 protocol would not finish, and switching
-    it to fp32 would make its runs incomparable with the recorded ones."""
-    if torch.cuda.is_available() or cpu_has_fast_bf16():
+def bf16_is_fast() -> bool:
+    """Whether this machine's bf16 matmuls are fast: the library's own 'auto' precision decision."""
+    return resolve_precision("auto", select_device()) == "bf16"
+
+
+def require_fast_bf16(precision: str, what: str) -> None:
+    """Exit, naming the problem, before ``what`` runs at ``precision`` "bf16" on a machine whose bf16
+    matmuls are slow (a CPU without AMX or AVX-512 bf16). There bf16 is emulated: a 1024x384x1536
+    matmul took 990 ms against fp32's 18 ms on an AVX2-only EPYC, so a bf16 protocol would not
+    finish, and switching it to fp32 would make its runs incomparable with the recorded ones."""
+    if precision != "bf16" or bf16_is_fast():
         return
     capability = torch.backends.cpu.get_cpu_capability()
     raise SystemExit(

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from adamix_zoo import runtime
 from bench import federation, report
 
 
 def test_a_bf16_benchmark_exits_naming_the_cpu_where_bf16_is_emulated(monkeypatch):
-    monkeypatch.setattr(report.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(report, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     with pytest.raises(SystemExit, match="bench/fidelity.py runs in bf16 autocast.*no fast bf16 matmul"):
-        report.require_fast_bf16("bench/fidelity.py")
-    monkeypatch.setattr(report, "cpu_has_fast_bf16", lambda: True)
-    report.require_fast_bf16("bench/fidelity.py")  # AMX or AVX-512 bf16: runs
+        report.require_fast_bf16("bf16", "bench/fidelity.py")
+    report.require_fast_bf16("fp32", "bench/fidelity.py")  # an fp32 protocol runs anywhere
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    report.require_fast_bf16("bf16", "bench/fidelity.py")  # AMX or AVX-512 bf16: runs
 
 
 def test_federation_runs_keep_the_pinned_precision_unless_a_diagnosis_overrides_it():
