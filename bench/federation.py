@@ -145,10 +145,14 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "10 clients a round x 3 local steps": {"fraction-train": 0.5, "local-steps": 3, "precision": "fp32"},
     "40 rounds x 3 local steps": {"num-rounds": 40, "local-steps": 3, "evaluate-every": 40, "precision": "fp32"},
     "server momentum 0.8": {"server-momentum": 0.8, "precision": "fp32"},
+    # the same training, but the saved model is the mean of the last 5 rounds' global models: its
+    # row's reference is the run's own last-round model (last_round_metric), a paired comparison
+    "tail average of the last 5 rounds": {"average-last-rounds": 5, "precision": "fp32"},
 }
 # Diagnoses that led their reference by more than one run's noise, run again on CONFIRM_SEED (with
 # their reference) before anything is concluded from them.
-CONFIRM_DIAGNOSES = ("chosen setting in fp32", "10 clients a round x 3 local steps")
+CONFIRM_DIAGNOSES = ("chosen setting in fp32", "10 clients a round x 3 local steps",
+                     "tail average of the last 5 rounds")
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -236,6 +240,8 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
         "rounds_aggregated": log["aggregated_rounds"],
         "updates_per_round": log["accepted_updates"],
         "aggregation_relative_error": last_round_error(log),
+        # with average-last-rounds > 1: the last round's model, of the same run
+        "last_round_metric": log.get("last_round_metrics", {}).get("accuracy"),
     }
 
 

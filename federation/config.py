@@ -162,6 +162,14 @@ class FederationConfig:
         },
     )
     num_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
+    average_last_rounds: int = field(
+        default=1,
+        metadata={"help": "Tail averaging (Polyak-Ruppert): the saved and published global adapter is "
+                  "the mean of the global experts (and head) of the last N aggregated rounds, which "
+                  "smooths out the label skew of the last rounds' few sampled clients; training is "
+                  "unchanged. 1 = the last round's. With N > 1 a single-task run also evaluates the "
+                  "last round's model and reports it as last-round-metrics."},
+    )
     local_steps: int = field(default=20, metadata={"help": "Optimizer steps per client per round."})
     batch_size: int = field(default=16, metadata={"help": "Local batch size."})
     # The defaults below (rate, head rate, FedAvgM momentum 0.6, logit adjustment) are what
@@ -325,7 +333,7 @@ class FederationConfig:
         self._check_family()
         self._check_ranks()
         for name in ("num_clients", "min_clients", "num_rounds", "local_steps", "batch_size",
-                     "max_new_tokens"):
+                     "max_new_tokens", "average_last_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -475,6 +483,7 @@ class FederationConfig:
             "fraction_train": self.fraction_train,
             "fraction_evaluate": self.fraction_evaluate,
             "evaluate_every": self.evaluate_every,
+            "average_last_rounds": self.average_last_rounds,
             "fault_injection": {
                 "drop_rate": self.drop_rate,
                 "straggler_rate": self.straggler_rate,

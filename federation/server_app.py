@@ -6,8 +6,10 @@ and save the final global adapter. Rounds run through Flower's ``Strategy.start`
 configured strategy behind ``ValidatingStrategy``: each round samples ``fraction-train`` of the
 connected clients (at least ``min-clients``), waits ``round-timeout`` for their replies, and
 aggregates when ``min-clients`` valid ones came in; federated evaluation runs every
-``evaluate-every`` rounds and at the last. The model, its evaluation and its run folder come from
-the run's task family (``federation.task.family_of``).
+``evaluate-every`` rounds and at the last. The saved global adapter is the last round's, or with
+``average-last-rounds`` > 1 the mean of the last rounds' (``ValidatingStrategy.tail_average``).
+The model, its evaluation and its run folder come from the run's task family
+(``federation.task.family_of``).
 """
 
 from __future__ import annotations
@@ -99,11 +101,17 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
         evaluate_config=ConfigRecord({HEAD_DIR: str(out / CLIENT_HEADS_DIR)}),
     )
     arrays = final_arrays(strategy, result.arrays, spec)
+    last_round = None
+    if cfg.average_last_rounds > 1:
+        last_round, arrays = arrays, final_arrays(strategy, strategy.tail_average(), spec)
     report = strategy.log.to_dict() | {
         "bytes_per_client_round": 2 * record_bytes(arrays),  # global experts down + update up
         "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "client_eval_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
     }
+    if last_round is not None and not cfg.multi_task:
+        report["last_round_metrics"] = _evaluate_state(cfg, family, model, from_record(last_round),
+                                                       "last round's global model").metrics
     global_state = from_record(arrays)
     finish = _finish_multi if cfg.multi_task else _finish_single
     outcome = finish(cfg, family, model, global_state, out, report)
@@ -122,11 +130,19 @@ def write_result(outcome: Outcome) -> Path:
     return path
 
 
-def _evaluate(cfg: FederationConfig, family: TaskFamily, model, task: str) -> GlobalEvaluation:
+def _evaluate(cfg: FederationConfig, family: TaskFamily, model, task: str,
+              what: str = "global model") -> GlobalEvaluation:
     """The global model's final evaluation on the task's validation rows (logged)."""
     evaluation = family.evaluate_global(cfg, model, task)
-    log(INFO, "global model on %s validation: %s", task, evaluation.metrics)
+    log(INFO, "%s on %s validation: %s", what, task, evaluation.metrics)
     return evaluation
+
+
+def _evaluate_state(cfg: FederationConfig, family: TaskFamily, model, state, what: str) -> GlobalEvaluation:
+    """A single-task run's evaluation of other global experts than those it saves (the model is
+    loaded with the saved ones afterwards)."""
+    family.load_shared_state(model, state)
+    return _evaluate(cfg, family, model, cfg.task_list[0], what)
 
 
 def _finish_single(

@@ -18,13 +18,14 @@ shared A) travel, are checked bitwise against what was sent, and are put back in
 as sent (so neither rounding, a server optimizer nor DP noise moves them). Clients of smaller LoRA
 ranks and the SVD re-factoring of the mean update are ``federation.ranks``'. Each round's clients
 are sampled in partition order with a seeded generator (``federation.sampling``), so one seed trains
-the same clients in every run.
+the same clients in every run. ``tail_average`` is the mean of the last aggregates (tail averaging).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -176,13 +177,16 @@ class ValidatingStrategy(Strategy):
             aggregation error. None: the strategy's average is the aggregate.
         order: samples clients reproducibly and aggregates replies in partition order
             (``federation.sampling``). None: Flower's unseeded sampling, replies as they come.
+        average_last: aggregates ``tail_average`` takes the mean of (the last rounds' that
+            aggregated).
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
                  max_norm_ratio: float = 10.0, max_weight_ratio: float = 10.0,
                  evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0,
                  frozen: Iterable[str] = (), heterogeneous: bool = False,
-                 svd_rank: int | None = None, order: ClientOrder | None = None) -> None:
+                 svd_rank: int | None = None, order: ClientOrder | None = None,
+                 average_last: int = 1) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
@@ -199,6 +203,9 @@ class ValidatingStrategy(Strategy):
         self._sent_at: dict[int, float] = {}
         self._eval_sent_at: dict[int, float] = {}
         self._sent: dict[int, ArrayRecord] = {}  # round -> the global experts sent (for update norms)
+        if average_last < 1:
+            raise ValueError(f"average_last must be >= 1, got {average_last}")
+        self._recent: deque[ArrayRecord] = deque(maxlen=average_last)  # the last aggregates
 
     def summary(self) -> None:
         log(
@@ -332,7 +339,27 @@ class ValidatingStrategy(Strategy):
                 "mean %.3g, max %.3g", server_round, len(good), what, error["mean"], error["max"])
         else:
             log(INFO, "round %d: aggregated %d valid updates", server_round, len(good))
+        self._recent.append(arrays)
         return arrays, metrics
+
+    def tail_average(self) -> ArrayRecord | None:
+        """The mean of the last ``average_last`` aggregates, in the spec's dtypes (None before any).
+
+        Averaging LoRA factors over rounds is not averaging their products, as across clients; late
+        rounds' factors differ little (the schedule's last steps are small). Frozen tensors are
+        the last aggregate's, bitwise as sent.
+        """
+        if not self._recent:
+            return None
+        last = self._recent[-1]
+        out = {}
+        for name in last.keys():
+            if name in self.frozen:
+                out[name] = last[name]
+                continue
+            mean = sum(r[name].numpy().astype(np.float64) for r in self._recent) / len(self._recent)
+            out[name] = Array(np.ascontiguousarray(mean.astype(self.spec[name][1])))
+        return ArrayRecord(out)
 
     def _with_frozen(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """The aggregate with every frozen tensor exactly as sent this round."""
@@ -492,7 +519,7 @@ def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
                               evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen,
                               heterogeneous=cfg.heterogeneous_ranks, svd_rank=svd_rank,
-                              order=ClientOrder(cfg.seed))
+                              order=ClientOrder(cfg.seed), average_last=cfg.average_last_rounds)
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:
