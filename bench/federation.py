@@ -100,6 +100,12 @@ PROTOCOL: dict[str, Any] = {
 # pinned, outside PROTOCOL's hash so those runs still count, so that a run means the same on any
 # machine. A diagnosis may override it ("precision" in its run-config overrides).
 PRECISION = "bf16"
+# The report's run-config settings, on both sides (centralized: the precision): the runs before them
+# (bf16, the last round's model saved) stay in the runs file under their own keys. fp32 runs alike on
+# any CPU; the selection above ran in bf16, and its choice is kept. Tail averaging over the last 5 of
+# 20 rounds is the library default (a quarter of the rounds), pinned here so that the runs keep their
+# meaning; the federated runs also record their last round's model (``last_round_metric``).
+REPORT_SETTINGS: dict[str, Any] = {"average-last-rounds": 5, "precision": "fp32"}
 QUICK = {"rounds": 2, "local_steps": 3, "batch_size": 8, "train_limit": 2000, "eval_limit": 200,
          "max_length": 32, "selection_rows": 200}  # 20 Dirichlet partitions need ~100 rows each
 # head_learning_rate 0: the head at the adapters' rate; 1e-2: the GLUE recipe's head rate. Server
@@ -161,13 +167,20 @@ def protocol_id(protocol: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def job(stage: str, side: str, seed: int, hp: dict[str, Any]) -> dict[str, Any]:
-    return {"stage": stage, "side": side, "seed": seed, "hp": hp}
+def job(stage: str, side: str, seed: int, hp: dict[str, Any], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run: its stage, side (or diagnosis), seed, hyperparameters and run-config settings."""
+    return {"stage": stage, "side": side, "seed": seed, "hp": hp} | ({"settings": settings} if settings else {})
+
+
+def report_job(side: str, seed: int, hp: dict[str, Any]) -> dict[str, Any]:
+    """A report run at REPORT_SETTINGS (the generation case keeps its own, bench/federation_generation)."""
+    return job("report", side, seed, hp, None if side == "generation" else REPORT_SETTINGS)
 
 
 def run_key(run: dict[str, Any]) -> str:
     hp = HP_DEFAULTS.get(run["side"], {}) | run["hp"]
-    return json.dumps([run["stage"], run["side"], run["seed"], hp], sort_keys=True)
+    key = [run["stage"], run["side"], run["seed"], hp] + ([run["settings"]] if run.get("settings") else [])
+    return json.dumps(key, sort_keys=True)
 
 
 def load_runs(pid: str, log: Path) -> dict[str, dict[str, Any]]:
@@ -229,6 +242,7 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
         "server-learning-rate": p["server_learning_rate"],
         "server-momentum": hp["server_momentum"],
         "precision": PRECISION,
+        "average-last-rounds": 1,  # the last round's model, as every run before REPORT_SETTINGS saved it
     } | (extra or {})
     metrics, wall = simulate(run_config, timeout=3600)
     log = metrics["federation"]
@@ -245,7 +259,7 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
     }
 
 
-def centralized(p: dict, hp: dict, seed: int, root: Path, out: Path) -> dict:
+def centralized(p: dict, hp: dict, seed: int, root: Path, out: Path, precision: str) -> dict:
     from adamix_zoo.recipes.glue import TrainArgs, train
 
     steps = total_steps(p)
@@ -266,7 +280,7 @@ def centralized(p: dict, hp: dict, seed: int, root: Path, out: Path) -> dict:
         train_subset=p["train_limit"],
         validation_subset=p["eval_limit"],
         eval_every=steps,
-        precision=PRECISION,
+        precision=precision,
         progress=False,
     )
     start = time.perf_counter()
@@ -338,7 +352,8 @@ def job_precision(spec: dict) -> str:
         from bench.federation_generation import PRECISION as generation_precision
 
         return generation_precision
-    return DIAGNOSES.get(spec["side"], {}).get("precision", PRECISION)
+    settings = spec.get("settings") or DIAGNOSES.get(spec["side"], {})
+    return settings.get("precision", PRECISION)
 
 
 def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: Path) -> None:
@@ -355,12 +370,13 @@ def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: 
             require_fast_bf16(job_precision(spec), f"bench/federation.py ({spec['stage']}, {spec['side']})")
         print(f"running {run_key(spec)}", flush=True)
         if spec["side"] == "centralized":
-            result = centralized(p, spec["hp"], spec["seed"], root, out / "central")
+            result = centralized(p, spec["hp"], spec["seed"], root, out / "central", job_precision(spec))
         elif spec["side"] == "generation":
             result = generation_case()(spec["seed"], quick)
         else:
-            extra = ({"exact": EXACT_MODE, "ranks": RANKS_MODE} | DIAGNOSES).get(spec["side"])
-            result = federated(p, spec["hp"], spec["seed"], root, out / "federated", extra)
+            extra = ({"exact": EXACT_MODE, "ranks": RANKS_MODE} | DIAGNOSES).get(spec["side"], {})
+            result = federated(p, spec["hp"], spec["seed"], root, out / "federated",
+                               extra | spec.get("settings", {}))
         run = spec | {"protocol_id": protocol_id(p), "quick": quick, "result": result, "machine": machine(),
                       "command": " ".join([COMMAND] + sys.argv[1:])}
         done[run_key(spec)] = run
@@ -404,15 +420,15 @@ def summarize(done: dict, p: dict, seeds: tuple, fed_grid: list, central_grid: l
     fed_hp, central_hp = chosen(done, "federated", fed_grid), chosen(done, "centralized", central_grid)
     per_seed = []
     for seed in seeds:
-        fed = done.get(run_key(job("report", "federated", seed, fed_hp or {})))
-        central = done.get(run_key(job("report", "centralized", seed, central_hp or {})))
+        fed = done.get(run_key(report_job("federated", seed, fed_hp or {})))
+        central = done.get(run_key(report_job("centralized", seed, central_hp or {})))
         if fed and central:
-            exact = done.get(run_key(job("report", "exact", seed, fed_hp)))
+            exact = done.get(run_key(report_job("exact", seed, fed_hp)))
             per_seed.append({"seed": seed, "federated": fed["result"], "centralized": central["result"],
                              "exact": exact["result"] if exact else None,
                              "ratio": fed["result"]["metric"] / central["result"]["metric"]})
     generation = [done[k]["result"] for s in GENERATION_SEEDS
-                  if (k := run_key(job("report", "generation", s, {}))) in done]
+                  if (k := run_key(report_job("generation", s, {}))) in done]
 
     def mean(values: list) -> float | None:
         values = [v for v in values if v is not None]
@@ -420,7 +436,7 @@ def summarize(done: dict, p: dict, seeds: tuple, fed_grid: list, central_grid: l
 
     exact = [s for s in per_seed if s["exact"]]
     ranks = [(done[k]["result"]["metric"], s["federated"]["metric"]) for s in per_seed if s["seed"] in RANKS_SEEDS
-             and (k := run_key(job("report", "ranks", s["seed"], fed_hp))) in done]
+             and (k := run_key(report_job("ranks", s["seed"], fed_hp))) in done]
     bleu = [g.get("generation_fed_vs_central_bleu_ratio", g.get("fed_vs_central_bleu_ratio")) for g in generation]
     fed_runs = [s["federated"] for s in per_seed]
     return {
@@ -613,11 +629,11 @@ def main(argv: list[str] | None = None) -> dict:
             if opts.stage in ("report", "all"):
                 if fed_hp is None or central_hp is None:
                     raise SystemExit("the select stage has not finished: run --stage select first")
-                jobs = [job("report", side, s, hp) for s in seeds
+                jobs = [report_job(side, s, hp) for s in seeds
                         for side, hp in (("federated", fed_hp), ("centralized", central_hp))]
-                jobs += [job("report", "exact", s, fed_hp) for s in seeds] if exact_mode() else []
-                jobs += [job("report", "ranks", s, fed_hp) for s in seeds if s in RANKS_SEEDS]
-                jobs += [job("report", "generation", s, {}) for s in GENERATION_SEEDS] if generation_case() else []
+                jobs += [report_job("exact", s, fed_hp) for s in seeds] if exact_mode() else []
+                jobs += [report_job("ranks", s, fed_hp) for s in seeds if s in RANKS_SEEDS]
+                jobs += [report_job("generation", s, {}) for s in GENERATION_SEEDS] if generation_case() else []
                 execute(jobs, p, done, log, opts.quick, Path(tmp))
             if opts.stage in ("diagnose", "all") and not opts.quick:  # 50 rounds are no smoke test
                 if fed_hp is None:

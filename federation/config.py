@@ -163,12 +163,13 @@ class FederationConfig:
     )
     num_rounds: int = field(default=3, metadata={"help": "Federated rounds."})
     average_last_rounds: int = field(
-        default=1,
+        default=0,
         metadata={"help": "Tail averaging (Polyak-Ruppert): the saved and published global adapter is "
                   "the mean of the global experts (and head) of the last N aggregated rounds, which "
                   "smooths out the label skew of the last rounds' few sampled clients; training is "
-                  "unchanged. 1 = the last round's. With N > 1 a single-task run also evaluates the "
-                  "last round's model and reports it as last-round-metrics."},
+                  "unchanged. 0 = a quarter of num-rounds (at least 1: the last round's alone below 8 "
+                  "rounds). With N > 1 a single-task run also evaluates the last round's model and "
+                  "reports it as last_round_metrics."},
     )
     local_steps: int = field(default=20, metadata={"help": "Optimizer steps per client per round."})
     batch_size: int = field(default=16, metadata={"help": "Local batch size."})
@@ -333,7 +334,7 @@ class FederationConfig:
         self._check_family()
         self._check_ranks()
         for name in ("num_clients", "min_clients", "num_rounds", "local_steps", "batch_size",
-                     "max_new_tokens", "average_last_rounds"):
+                     "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -355,6 +356,9 @@ class FederationConfig:
         for name in ("drop_rate", "straggler_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.average_last_rounds < 0:
+            raise ValueError(f"average-last-rounds must be >= 0 (0 = a quarter of the rounds), got "
+                             f"{self.average_last_rounds}")
         if self.evaluate_every < 1 or self.straggler_seconds < 0:
             raise ValueError(
                 f"evaluate-every must be >= 1 and straggler-seconds >= 0, got "
@@ -441,6 +445,11 @@ class FederationConfig:
         """Connected clients the server waits for before round 1."""
         return self.min_available_clients or self.num_clients
 
+    @property
+    def tail_rounds(self) -> int:
+        """Aggregated rounds whose global experts the saved adapter averages (``average-last-rounds``)."""
+        return self.average_last_rounds or max(1, self.num_rounds // 4)
+
     def evaluates(self, server_round: int) -> bool:
         """Whether round ``server_round`` runs federated evaluation (every N rounds, and the last)."""
         return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
@@ -483,7 +492,7 @@ class FederationConfig:
             "fraction_train": self.fraction_train,
             "fraction_evaluate": self.fraction_evaluate,
             "evaluate_every": self.evaluate_every,
-            "average_last_rounds": self.average_last_rounds,
+            "average_last_rounds": self.tail_rounds,
             "fault_injection": {
                 "drop_rate": self.drop_rate,
                 "straggler_rate": self.straggler_rate,

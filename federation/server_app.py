@@ -6,8 +6,8 @@ and save the final global adapter. Rounds run through Flower's ``Strategy.start`
 configured strategy behind ``ValidatingStrategy``: each round samples ``fraction-train`` of the
 connected clients (at least ``min-clients``), waits ``round-timeout`` for their replies, and
 aggregates when ``min-clients`` valid ones came in; federated evaluation runs every
-``evaluate-every`` rounds and at the last. The saved global adapter is the last round's, or with
-``average-last-rounds`` > 1 the mean of the last rounds' (``ValidatingStrategy.tail_average``).
+``evaluate-every`` rounds and at the last. The saved global adapter is the mean of the last
+``average-last-rounds`` rounds' (default: a quarter of them; ``ValidatingStrategy.tail_average``).
 The model, its evaluation and its run folder come from the run's task family
 (``federation.task.family_of``).
 """
@@ -102,7 +102,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
     )
     arrays = final_arrays(strategy, result.arrays, spec)
     last_round = None
-    if cfg.average_last_rounds > 1:
+    if cfg.tail_rounds > 1:
         last_round, arrays = arrays, final_arrays(strategy, strategy.tail_average(), spec)
     report = strategy.log.to_dict() | {
         "bytes_per_client_round": 2 * record_bytes(arrays),  # global experts down + update up

@@ -116,6 +116,25 @@ def test_single_task_federation(tiny_env):
     assert entry["provenance"]["federation"]["clients"] == 3
 
 
+def test_tail_averaging_saves_the_mean_of_the_last_rounds_and_reports_the_last_round(tiny_env):
+    rc = tiny_run_config(tiny_env, **{"num-rounds": 3, "average-last-rounds": 2})
+    grid = InProcessGrid(app, rc, num_nodes=3)
+    outcome = run_federation(grid, FederationConfig.from_run_config(rc))
+
+    # FedAvg: each round's global experts are the weighted mean of its replies; the saved ones are
+    # the mean of rounds 2 and 3's, not round 3's.
+    rounds = {r: weighted_mean(train_replies(grid, r)) for r in (2, 3)}
+    saved = read_safetensors(outcome.folder / EXPERTS_FILE)
+    for name, value in saved.items():
+        np.testing.assert_allclose(value.numpy(), (rounds[2][name] + rounds[3][name]) / 2, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(value.numpy(), rounds[3][name], rtol=1e-5, atol=1e-7)
+    metrics = json.loads((outcome.folder / "final_metrics.json").read_text())
+    last = metrics["federation"]["last_round_metrics"]
+    assert last["main_metric"] == "accuracy" and 0.0 <= last["accuracy"] <= 1.0
+    run = json.loads((outcome.folder / "run_config.json").read_text())
+    assert run["federation"]["average_last_rounds"] == 2
+
+
 def test_faulty_clients_are_rejected_and_the_round_completes(tiny_env, caplog):
     rc = tiny_run_config(tiny_env, **{"num-clients": 5, "num-rounds": 1})
     grid = InProcessGrid(

@@ -380,3 +380,45 @@ def test_pyproject_run_config_matches_the_dataclass():
     }
     # pyproject leaves the family-dependent keys to the task family ("auto", 0)
     assert app["config"] == FederationConfig().to_run_config() | FAMILY_DEFAULT_VALUES
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_tail_average_is_the_mean_of_the_last_aggregated_rounds():
+    strategy = ValidatingStrategy(FedAvg(), SPEC, 2, ["sst2"], average_last=2)
+    assert strategy.tail_average() is None  # nothing aggregated yet
+    aggregates = []
+    for server_round in (1, 2, 3):
+        agg, _ = strategy.aggregate_train(
+            server_round, [reply(1, arrays(10 * server_round)), reply(2, arrays(10 * server_round + 1))])
+        aggregates.append({k: v.numpy() for k, v in agg.items()})
+    # a round that keeps the previous experts adds nothing to the window
+    assert strategy.aggregate_train(4, [reply(1, arrays(99))]) == (None, None)
+    tail = strategy.tail_average()
+    for name, (_, dtype) in SPEC.items():
+        expected = (aggregates[1][name].astype(np.float64) + aggregates[2][name]) / 2
+        assert tail[name].numpy().dtype == np.dtype(dtype)
+        np.testing.assert_allclose(tail[name].numpy(), expected, rtol=1e-6)
+        assert not np.allclose(tail[name].numpy(), aggregates[2][name])  # not just the last round's
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_tail_average_keeps_frozen_tensors_bitwise_and_one_round_is_the_last_aggregate():
+    frozen = "encoder.layer.0.intermediate.dense.adamix_lora_A"
+    sent = arrays(0)
+    strategy = ValidatingStrategy(FedAvg(), SPEC, 2, ["sst2"], frozen=[frozen], average_last=3)
+    for server_round in (1, 2):
+        strategy.configure_train(server_round, as_record(sent), ConfigRecord(), TwoNodes())
+        ups = [arrays(server_round * 10 + i) | {frozen: sent[frozen]} for i in (1, 2)]
+        strategy.aggregate_train(server_round, [reply(1, ups[0]), reply(2, ups[1])])
+    assert np.array_equal(strategy.tail_average()[frozen].numpy(), sent[frozen])
+
+    single = ValidatingStrategy(FedAvg(), SPEC, 2, ["sst2"])
+    agg, _ = single.aggregate_train(1, [reply(1, arrays(1)), reply(2, arrays(2))])
+    assert all(np.array_equal(single.tail_average()[k].numpy(), agg[k].numpy()) for k in SPEC)
+    with pytest.raises(ValueError, match="average_last"):
+        ValidatingStrategy(FedAvg(), SPEC, 2, ["sst2"], average_last=0)
+    with pytest.raises(ValueError, match="average-last-rounds"):
+        FederationConfig(average_last_rounds=-1)
+    # 0: a quarter of the rounds, at least the last one
+    assert [FederationConfig(num_rounds=r).tail_rounds for r in (1, 3, 8, 20)] == [1, 1, 2, 5]
+    assert FederationConfig(num_rounds=20, average_last_rounds=3).tail_rounds == 3
