@@ -177,8 +177,8 @@ class ValidatingStrategy(Strategy):
             aggregation error. None: the strategy's average is the aggregate.
         order: samples clients reproducibly and aggregates replies in partition order
             (``federation.sampling``). None: Flower's unseeded sampling, replies as they come.
-        average_last: aggregates ``tail_average`` takes the mean of (the last rounds' that
-            aggregated).
+        average_last: how many of the last aggregated rounds' global experts ``tail_average``
+            averages.
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
