@@ -636,7 +636,8 @@ def report_paragraph(r: dict) -> str:
             f"its own: {lifted}; one dev row is {1 / rows:.4f} of accuracy. The report's fp32 runs, on a CPU "
             "without fast bf16, took about 3.5x the wall time of the bf16 report runs before them (on a CPU "
             "with AMX), nearly all of it inside the clients' loops, so their round overhead fraction (the share "
-            "of a round outside those loops) is smaller for that reason; it was 0.115 in bf16. Wall seconds are the runs' own, beside whatever else ran on the machine.")
+            "of a round outside those loops) is smaller for that reason; it was 0.115 in bf16. Wall seconds "
+            "are the runs' own, beside whatever else ran on the machine.")
 
 
 def legacy_runs() -> list[dict]:
@@ -672,9 +673,9 @@ def main(argv: list[str] | None = None) -> dict:
                 # the ratio's pairs first, then each seed's comparisons with them in turn
                 jobs = [report_job(side, s, hp) for s in seeds
                         for side, hp in (("federated", fed_hp), ("centralized", central_hp))]
-                jobs += [report_job(side, s, fed_hp) for s in seeds
-                         for side in ("exact", "ranks") if (side == "exact" and exact_mode())
-                         or (side == "ranks" and s in RANKS_SEEDS)]
+                for s in seeds:
+                    jobs += [report_job("exact", s, fed_hp)] if exact_mode() else []
+                    jobs += [report_job("ranks", s, fed_hp)] if s in RANKS_SEEDS else []
                 jobs += [report_job("generation", s, {}) for s in GENERATION_SEEDS] if generation_case() else []
                 execute(jobs, p, done, log, opts.quick, Path(tmp))
             if opts.stage in ("diagnose", "all") and not opts.quick:  # 50 rounds are no smoke test

@@ -352,14 +352,10 @@ class ValidatingStrategy(Strategy):
         if not self._recent:
             return None
         last = self._recent[-1]
-        out = {}
-        for name in last.keys():
-            if name in self.frozen:
-                out[name] = last[name]
-                continue
-            mean = sum(r[name].numpy().astype(np.float64) for r in self._recent) / len(self._recent)
-            out[name] = Array(np.ascontiguousarray(mean.astype(self.spec[name][1])))
-        return ArrayRecord(out)
+        mean = {name: last[name] if name in self.frozen else
+                Array(sum(r[name].numpy().astype(np.float64) for r in self._recent) / len(self._recent))
+                for name in last.keys()}
+        return self._as_spec_dtypes(ArrayRecord(mean))
 
     def _with_frozen(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """The aggregate with every frozen tensor exactly as sent this round."""
