@@ -59,6 +59,7 @@ def train_steps(
     precision: str = "fp32",
     loss_fn: LossFn | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Run ``num_steps`` optimizer steps on ``model`` (in place) and return the mean losses.
 
@@ -73,6 +74,8 @@ def train_steps(
         progress: an optional tqdm bar, advanced once per step with the current loss.
         loss_fn: the loss hook; None is the task's loss (``task_loss_fn``).
         on_step: called after each step with (step number in this call, from 1; the step's loss).
+        after_backward: called after each backward pass, before clipping and the optimizer step
+            (federated drift control corrects the gradients there).
 
     Returns:
         {"loss", "task_loss", "consistency"} averaged over the steps, "steps" and "examples"
@@ -93,6 +96,8 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_gradients(model)
+        if after_backward is not None:
+            after_backward()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()

@@ -154,11 +154,16 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     # the same training, but the saved model is the mean of the last 5 rounds' global models: its
     # row's reference is the run's own last-round model (last_round_metric), a paired comparison
     "tail average of the last 5 rounds": {"average-last-rounds": 5, "precision": "fp32"},
+    "tail average of the last 10 rounds": {"average-last-rounds": 10, "precision": "fp32"},
+    # SCAFFOLD's control variates (federation.scaffold) at the default tail averaging; its
+    # reference is the tail-average row above
+    "SCAFFOLD drift control": {"drift-control": "scaffold", "average-last-rounds": 5, "precision": "fp32"},
 }
 # Diagnoses that led their reference by more than one run's noise, run again on CONFIRM_SEED (with
 # their reference) before anything is concluded from them.
 CONFIRM_DIAGNOSES = ("chosen setting in fp32", "10 clients a round x 3 local steps",
-                     "tail average of the last 5 rounds")
+                     "tail average of the last 5 rounds", "tail average of the last 10 rounds",
+                     "SCAFFOLD drift control")
 
 
 # -- runs --------------------------------------------------------------------------------------

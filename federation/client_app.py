@@ -6,7 +6,8 @@ model on the frozen backbone, trains ``local-steps`` steps with stochastic routi
 consistency loss, and replies with the same tensor names, ``num-examples`` and metrics. A client
 of a smaller LoRA rank (``client-ranks``) trains and replies at its rank (``federation.ranks``).
 A head that is not federated (multi-task GLUE runs) stays on the client, in the run's
-``Context.state``. What a model, its data and its training are depends on the run's task family
+``Context.state``, as does its SCAFFOLD control variate when the server sends one
+(``federation.scaffold``). What a model, its data and its training are depends on the run's task family
 (``federation.task.family_of``: GLUE classification or data-to-text generation).
 """
 
@@ -22,6 +23,7 @@ from federation.config import FederationConfig
 from federation.mods import fault_mod, timing_mod
 from federation.records import from_record, to_record
 from federation.sampling import PARTITION_KEY, REPLY_KEY
+from federation.scaffold import CLIENT_STATE_KEY, CONTROL_KEY, DELTA_KEY, DriftCorrection
 from federation.strategies import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, TASK_KEY
 from federation.task import TaskFamily, family_of
 
@@ -81,12 +83,20 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(family, cfg, pid, task, context, msg.content[ARRAYS_KEY])
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
     seed = cfg.seed * 1_000_003 + server_round * 1_009 + pid  # distinct per client and round
-    stats = family.train_round(model, cfg, task, examples, seed, server_round)
+    correction = None
+    if CONTROL_KEY in msg.content.array_records:  # the server runs SCAFFOLD
+        own = context.state[CLIENT_STATE_KEY] if CLIENT_STATE_KEY in context.state.array_records else None
+        correction = DriftCorrection(family.trainable_shared(model, cfg.head_federated),
+                                     msg.content[CONTROL_KEY], own)
+    stats = family.train_round(model, cfg, task, examples, seed, server_round, after_backward=correction)
     if cfg.local_head:
         context.state[LOCAL_HEAD] = to_record(family.head_of(model))
     metrics = MetricRecord({NUM_EXAMPLES: len(examples), **stats})
     shared = family.shared_state(model, cfg.head_federated)
-    return Message(RecordDict({ARRAYS_KEY: to_record(shared), METRICS_KEY: metrics}), reply_to=msg)
+    content = RecordDict({ARRAYS_KEY: to_record(shared), METRICS_KEY: metrics})
+    if correction is not None:
+        context.state[CLIENT_STATE_KEY], content[DELTA_KEY] = correction.finish()
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

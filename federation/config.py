@@ -35,6 +35,7 @@ LR_SCHEDULES = ("linear", "constant")
 # How the LoRA factors are aggregated (federation.ranks): each factor averaged on its own, or the
 # clients' mean update re-factored by a truncated SVD (FlexLoRA).
 AGGREGATIONS = ("factors", "svd")
+DRIFT_CONTROLS = ("none", "scaffold")
 HEAD_MODES = ("auto", "true", "false")
 # Run-config key -> AdaMixConfig field; the seed is the run's own ``seed``.
 ADAMIX_KEYS = {"kind": "kind", "num-experts": "num_experts", "rank": "rank", "lora-alpha": "alpha",
@@ -238,6 +239,12 @@ class FederationConfig:
                   "mean update re-factored at rank by a truncated SVD, FlexLoRA; fedavg, LoRA with "
                   "sharing 'up' or 'down', not with freeze-shared or server-side DP)."},
     )
+    drift_control: str = field(
+        default="none",
+        metadata={"help": "'none' or 'scaffold': SCAFFOLD's control variates (Karimireddy et al. 2020) correct "
+                  "each local gradient towards the federation's mean gradient (federation.scaffold); they "
+                  "double what a round moves. Not with dp or client-ranks."},
+    )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
         default="auto",
@@ -323,6 +330,11 @@ class FederationConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("drift-control", self.drift_control, DRIFT_CONTROLS)
+        if self.drift_control == "scaffold" and (self.dp != "none" or self.client_ranks):
+            raise ValueError("drift-control=scaffold works with dp='none' and one rank for all clients: "
+                             f"got dp={self.dp!r}, client-ranks={self.client_ranks!r} (the control variates "
+                             "would go unclipped, or not fit a smaller rank)")
         if self.logit_adjustment < 0:
             raise ValueError(f"logit-adjustment must be >= 0, got {self.logit_adjustment}")
         if not 0 <= self.warmup_ratio < 1 or self.head_learning_rate < 0 or not self.learning_rate > 0:
@@ -502,6 +514,7 @@ class FederationConfig:
             else None,
             "strategy": self.strategy,
             "aggregation": self.aggregation,
+            "drift_control": self.drift_control,
             "client_ranks": parse_ranks(self.client_ranks) or None,
             "server_learning_rate": self.server_learning_rate,
             "server_momentum": self.server_momentum,

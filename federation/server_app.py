@@ -105,7 +105,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
     if cfg.tail_rounds > 1:
         last_round, arrays = arrays, final_arrays(strategy, strategy.tail_average(), spec)
     report = strategy.log.to_dict() | {
-        "bytes_per_client_round": 2 * record_bytes(arrays),  # global experts down + update up
+        # global experts (and SCAFFOLD's control variate) down, update (and control delta) up
+        "bytes_per_client_round": 2 * (record_bytes(arrays) + (record_bytes(strategy.control.record())
+                                                               if strategy.control else 0)),
         "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "client_eval_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
     }

@@ -19,6 +19,7 @@ as sent (so neither rounding, a server optimizer nor DP noise moves them). Clien
 ranks and the SVD re-factoring of the mean update are ``federation.ranks``'. Each round's clients
 are sampled in partition order with a seeded generator (``federation.sampling``), so one seed trains
 the same clients in every run. ``tail_average`` is the mean of the last aggregates (tail averaging).
+SCAFFOLD's control variates travel beside the experts (``federation.scaffold``).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ from flwr.serverapp.strategy import (
 )
 
 from federation import exactness, ranks
+from federation.bounds import capped
 from federation.config import FederationConfig
 from federation.records import Spec, check_record
 from federation.sampling import ClientOrder
+from federation.scaffold import DELTA_KEY, ServerControl
 
 ARRAYS_KEY, METRICS_KEY, CONFIG_KEY = "arrays", "metrics", "config"
 NUM_EXAMPLES = "num-examples"
@@ -112,13 +115,15 @@ class RoundLog:
         }
 
 
-def reply_problem(msg: Message, spec: Spec) -> str | None:
-    """Why a training reply cannot be aggregated, or None when it can."""
+def reply_problem(msg: Message, spec: Spec, control: ServerControl | None = None) -> str | None:
+    """Why a training reply cannot be aggregated, or None when it can (with ``control``: its
+    SCAFFOLD control delta too)."""
     if msg.has_error():
         return f"client error: {msg.error.reason}"
     content = msg.content
-    if list(content.array_records) != [ARRAYS_KEY]:
-        return f"expected one ArrayRecord '{ARRAYS_KEY}', got {list(content.array_records)}"
+    expected = [ARRAYS_KEY] + ([DELTA_KEY] if control else [])
+    if sorted(content.array_records) != sorted(expected):
+        return f"expected the ArrayRecords {expected}, got {list(content.array_records)}"
     if list(content.metric_records) != [METRICS_KEY]:
         return f"expected one MetricRecord '{METRICS_KEY}', got {list(content.metric_records)}"
     weight = content[METRICS_KEY].get(NUM_EXAMPLES)
@@ -130,7 +135,9 @@ def reply_problem(msg: Message, spec: Spec) -> str | None:
     ):
         return f"'{NUM_EXAMPLES}' must be a positive number, got {weight!r}"
     problems = check_record(content[ARRAYS_KEY], spec)
-    return "; ".join(problems) if problems else None
+    if problems:
+        return "; ".join(problems)
+    return control.problem(msg) if control else None
 
 
 def _number(value: Any) -> float | None:
@@ -138,19 +145,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
-
-
-def capped(values: list[float], ratio: float) -> list[float]:
-    """Each value at most ``ratio`` times the median of the *others* (a lone value is kept).
-
-    Leave-one-out, so one outlier cannot raise its own cap; a zero median caps nothing.
-    """
-    out = []
-    for i, value in enumerate(values):
-        others = values[:i] + values[i + 1:]
-        reference = float(np.median(others)) if others else 0.0
-        out.append(min(value, ratio * reference) if reference > 0 else value)
-    return out
 
 
 class ValidatingStrategy(Strategy):
@@ -179,6 +173,9 @@ class ValidatingStrategy(Strategy):
             (``federation.sampling``). None: Flower's unseeded sampling, replies as they come.
         average_last: how many of the last aggregated rounds' global experts ``tail_average``
             averages.
+        control: SCAFFOLD's server control variate (``federation.scaffold``), sent with every
+            training message and moved by the valid replies' deltas of every aggregated round.
+            None: no drift control.
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
@@ -186,7 +183,7 @@ class ValidatingStrategy(Strategy):
                  evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0,
                  frozen: Iterable[str] = (), heterogeneous: bool = False,
                  svd_rank: int | None = None, order: ClientOrder | None = None,
-                 average_last: int = 1) -> None:
+                 average_last: int = 1, control: ServerControl | None = None) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
@@ -197,6 +194,8 @@ class ValidatingStrategy(Strategy):
             raise ValueError(f"frozen tensors not in the spec: {sorted(set(self.frozen) - set(spec))[:3]}")
         self.projections = exactness.lora_projections(spec)
         self.heterogeneous, self.svd_rank, self.order = heterogeneous, svd_rank, order
+        self.control = control
+        self._deltas: list[ArrayRecord] = []  # this round's valid replies' control deltas
         self._shapes = {k: shape for k, (shape, _) in spec.items()}
         self._reply_ranks: dict[int, int] = {}  # id of a padded reply -> its rank, this round
         self.log = RoundLog()
@@ -228,6 +227,8 @@ class ValidatingStrategy(Strategy):
             return []
         with self._sampling(grid, server_round, "train") as sampled:
             messages = list(self.inner.configure_train(server_round, arrays, config, sampled))
+        if self.control is not None:
+            self.control.attach(messages)
         self._sent_at[server_round] = time.perf_counter()
         self._sent = {server_round: arrays}  # only the current round's is needed
         return messages
@@ -262,14 +263,17 @@ class ValidatingStrategy(Strategy):
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that pass validation; each rejected one is logged with its reason."""
         good, rejected = [], self.log.rejected.setdefault(server_round, [])
-        self._reply_ranks = {}
+        self._reply_ranks, self._deltas = {}, []
         sent = self._sent.get(server_round)
         sent_arrays = {k: v.numpy() for k, v in sent.items()} if self.heterogeneous and sent is not None else None
         for msg in self.order.sort(replies) if self.order else replies:
             if sent_arrays is not None:
                 self._pad(msg, sent_arrays)
-            problem = reply_problem(msg, self.spec) or self._frozen_problem(server_round, msg)
+            problem = reply_problem(msg, self.spec, self.control) or self._frozen_problem(server_round, msg)
             if problem is None:
+                if self.control is not None:  # Flower's strategy expects the experts' record alone
+                    self._deltas.append(msg.content[DELTA_KEY])
+                    del msg.content[DELTA_KEY]
                 good.append(msg)
                 continue
             node = msg.metadata.src_node_id
@@ -340,6 +344,8 @@ class ValidatingStrategy(Strategy):
         else:
             log(INFO, "round %d: aggregated %d valid updates", server_round, len(good))
         self._recent.append(arrays)
+        if self.control is not None:
+            self.control.update(self._deltas)
         return arrays, metrics
 
     def tail_average(self) -> ArrayRecord | None:
@@ -512,10 +518,11 @@ def _with_dp(cfg: FederationConfig, base: Strategy) -> Strategy:
 def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
     frozen = exactness.frozen_names(spec, cfg.adamix)
     svd_rank = cfg.adamix.rank if cfg.aggregation == "svd" else None
+    control = ServerControl(spec, frozen, cfg.num_clients) if cfg.drift_control == "scaffold" else None
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
                               evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen,
                               heterogeneous=cfg.heterogeneous_ranks, svd_rank=svd_rank,
-                              order=ClientOrder(cfg.seed), average_last=cfg.tail_rounds)
+                              order=ClientOrder(cfg.seed), average_last=cfg.tail_rounds, control=control)
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from adamix_zoo.backbones import resolve_backbone
 from adamix_zoo.loop import LossFn, train_steps
-from adamix_zoo.model import AdaMixModel
+from adamix_zoo.model import AdaMixModel, is_adapter_param
 from adamix_zoo.optim import make_optimizer, make_scheduler
 from adamix_zoo.runtime import resolve_precision, select_device
 from federation.config import FederationConfig
@@ -217,6 +217,16 @@ class TaskFamily(ABC):
             state |= {HEAD_PREFIX + k: v for k, v in self.head_of(model).items()}
         return state
 
+    def trainable_shared(self, model: nn.Module, with_head: bool) -> dict[str, nn.Parameter]:
+        """The parameters behind the travelling tensors that train (frozen ones left out), by their
+        names on the wire."""
+        params = {n: p for n, p in self.adamix_model(model).model.named_parameters()
+                  if is_adapter_param(n) and p.requires_grad}
+        head = self.head(model) if with_head else None
+        if head is not None:
+            params |= {HEAD_PREFIX + n: p for n, p in head.named_parameters() if p.requires_grad}
+        return params
+
     def load_shared_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load received experts (and ``head.*`` tensors, if present).
 
@@ -292,13 +302,14 @@ class TaskFamily(ABC):
 
     def train_round(
         self, model: nn.Module, cfg: FederationConfig, task: str, examples: list[dict[str, Any]], seed: int,
-        server_round: int = 1,
+        server_round: int = 1, after_backward: Callable[[], None] | None = None,
     ) -> dict[str, float]:
         """One client's local work: ``local-steps`` steps of ``adamix_zoo.loop.train_steps``.
 
         Routing, dropout and batch order are seeded by ``seed`` (distinct per client and round); a
         fresh AdamW per round, as usual in FL, at the learning rates of round ``server_round``'s slice
-        of the run's schedule (``round_scheduler``).
+        of the run's schedule (``round_scheduler``). ``after_backward``: the loop's hook of that name
+        (SCAFFOLD's gradient correction).
 
         Returns:
             ``train-loss``, ``train-consistency`` and ``train-seconds`` (the training loop alone).
@@ -312,7 +323,7 @@ class TaskFamily(ABC):
         device = select_device()
         stats = train_steps(model, data, None, cfg.local_steps, optimizer, round_scheduler(cfg, optimizer, server_round),
                             device=device, precision=resolve_precision(cfg.precision, device),
-                            loss_fn=self.loss_fn(model, cfg, task, examples))
+                            loss_fn=self.loss_fn(model, cfg, task, examples), after_backward=after_backward)
         seconds = time.perf_counter() - start
         model.eval()
         return {

@@ -11,7 +11,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
-from federation.strategies import ValidatingStrategy, capped
+from federation.bounds import capped
+from federation.strategies import ValidatingStrategy
 from tests.test_federation_strategy import SPEC, arrays, reply
 
 pytest_plugins = ["tests.test_federation_support"]
