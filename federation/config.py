@@ -36,6 +36,9 @@ LR_SCHEDULES = ("linear", "constant")
 # clients' mean update re-factored by a truncated SVD (FlexLoRA).
 AGGREGATIONS = ("factors", "svd")
 DRIFT_CONTROLS = ("none", "scaffold")
+# How each round's training clients are drawn (federation.sampling): uniformly at random every
+# round, or without replacement across rounds (every client once per cycle).
+CLIENT_SAMPLINGS = ("uniform", "cyclic")
 HEAD_MODES = ("auto", "true", "false")
 # Run-config key -> AdaMixConfig field; the seed is the run's own ``seed``.
 ADAMIX_KEYS = {"kind": "kind", "num-experts": "num_experts", "rank": "rank", "lora-alpha": "alpha",
@@ -148,8 +151,13 @@ class FederationConfig:
         default=1.0,
         metadata={
             "help": "Share of connected clients sampled to train each round: "
-            "max(min-clients, int(fraction x connected)), drawn anew every round."
+            "max(min-clients, int(fraction x connected)), drawn as client-sampling says."
         },
+    )
+    client_sampling: str = field(
+        default="uniform",
+        metadata={"help": "'uniform' (drawn anew every round) or 'cyclic' (without replacement across "
+                  "rounds: every connected client once per cycle, in a seeded order)."},
     )
     fraction_evaluate: float = field(
         default=1.0,
@@ -243,7 +251,8 @@ class FederationConfig:
         default="none",
         metadata={"help": "'none' or 'scaffold': SCAFFOLD's control variates (Karimireddy et al. 2020) correct "
                   "each local gradient towards the federation's mean gradient (federation.scaffold); they "
-                  "double what a round moves. Not with dp or client-ranks."},
+                  "double what a round moves. Not with dp or client-ranks; it diverged on one of two benchmark seeds "
+                  "with the clients' AdamW (docs/FEDERATION.md, 'Drift control')."},
     )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
@@ -331,6 +340,7 @@ class FederationConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("drift-control", self.drift_control, DRIFT_CONTROLS)
+        _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
         if self.drift_control == "scaffold" and (self.dp != "none" or self.client_ranks):
             raise ValueError("drift-control=scaffold works with dp='none' and one rank for all clients: "
                              f"got dp={self.dp!r}, client-ranks={self.client_ranks!r} (the control variates "
@@ -502,6 +512,7 @@ class FederationConfig:
             "clients": self.num_clients,
             "min_clients": self.min_clients,
             "fraction_train": self.fraction_train,
+            "client_sampling": self.client_sampling,
             "fraction_evaluate": self.fraction_evaluate,
             "evaluate_every": self.evaluate_every,
             "average_last_rounds": self.tail_rounds,

@@ -8,12 +8,18 @@ accuracy (docs/FEDERATION.md). ``ClientOrder`` asks each new node for its partit
 around Flower's sampling call. It also puts the replies in partition order before aggregation, so
 the float sums come out the same too. Nodes that do not answer come after the others, in node-id
 order.
+
+``client-sampling=cyclic`` (``ClientCycle``) draws the training clients without replacement across
+rounds: every connected client once per cycle of ``num-clients / sampled`` rounds, in a seeded
+random order per cycle (cyclic participation, Cho et al. 2023). With label-skewed partitions each
+cycle then covers every client's labels exactly once, where uniform draws leave about a quarter of
+the clients out of any four rounds (docs/FEDERATION.md, "Sampling and stragglers").
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from logging import INFO, WARNING
 from typing import Any
@@ -46,10 +52,12 @@ class ClientOrder:
     Args:
         seed: the run's seed; round r's phase p samples with ``random.seed(f"{seed}-{r}-{p}")``.
         timeout: seconds to wait for the nodes' answers to the partition query.
+        cyclic: draw the training clients from a ``ClientCycle`` (evaluation stays uniform).
     """
 
-    def __init__(self, seed: int, timeout: float = QUERY_TIMEOUT) -> None:
+    def __init__(self, seed: int, timeout: float = QUERY_TIMEOUT, cyclic: bool = False) -> None:
         self.seed, self.timeout = seed, timeout
+        self.cycle = ClientCycle(seed) if cyclic else None
         self.partitions: dict[int, int] = {}  # node id -> partition id
         self._asked: set[int] = set()
 
@@ -79,16 +87,50 @@ class ClientOrder:
         """``grid`` in partition order, with Python's generator seeded for this round and phase
         (and restored after)."""
         self.identify(grid)
-        state = random.getstate()
+        state, draw = random.getstate(), random.sample
         random.seed(f"{self.seed}-{server_round}-{phase}")
+        if self.cycle is not None and phase == "train":
+            random.sample = self.cycle.take  # Flower's sample_nodes draws with random.sample
         try:
             yield OrderedGrid(grid, self.key)
         finally:
             random.setstate(state)
+            random.sample = draw
 
     def sort(self, replies: Iterable[Message]) -> list[Message]:
         """The replies in partition order."""
         return sorted(replies, key=lambda m: self.key(m.metadata.src_node_id))
+
+
+class ClientCycle:
+    """Sampling without replacement across rounds: each cycle is a seeded permutation of the
+    connected clients, taken a round's sample at a time.
+
+    A client that has gone away is skipped; one that joined mid-cycle waits for the next cycle. A
+    round that needs more clients than its cycle has left takes the rest and starts the next
+    cycle, without repeating a client within the round.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.cycles = 0
+        self.pending: list[int] = []  # the current cycle's clients not yet drawn, in draw order
+
+    def take(self, population: Sequence[int], k: int) -> list[int]:
+        """``k`` distinct clients of ``population`` (listed in partition order), as ``random.sample``."""
+        if not 0 <= k <= len(population):
+            raise ValueError(f"cannot sample {k} clients of {len(population)} connected")
+        live, picked = set(population), []
+        while len(picked) < k:
+            candidates = [n for n in self.pending if n in live and n not in picked]
+            if not candidates:
+                self.pending = list(population)
+                random.Random(f"{self.seed}-cycle-{self.cycles}").shuffle(self.pending)
+                self.cycles += 1
+                continue
+            picked.append(candidates[0])
+            self.pending.remove(candidates[0])
+        return picked
 
 
 def _partition(content: RecordDict) -> int | None:

@@ -522,7 +522,8 @@ def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
                               evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen,
                               heterogeneous=cfg.heterogeneous_ranks, svd_rank=svd_rank,
-                              order=ClientOrder(cfg.seed), average_last=cfg.tail_rounds, control=control)
+                              order=ClientOrder(cfg.seed, cyclic=cfg.client_sampling == "cyclic"),
+                              average_last=cfg.tail_rounds, control=control)
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:

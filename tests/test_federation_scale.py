@@ -17,7 +17,7 @@ from federation.client_app import app
 from federation.config import FederationConfig
 from federation.mods import injected_fault
 from federation.records import HEAD_PREFIX
-from federation.sampling import PARTITION_KEY, REPLY_KEY, ClientOrder
+from federation.sampling import PARTITION_KEY, REPLY_KEY, ClientCycle, ClientOrder
 from federation.server_app import FederationError, run_federation
 from tests.test_federation_support import InProcessGrid, make_glue, tiny_run_config
 
@@ -112,6 +112,45 @@ def test_one_seed_trains_the_same_partitions_whatever_the_node_ids(tiny_env):
     assert experts.keys() == experts_again.keys()
     for name in experts:  # replies aggregated in partition order: bitwise the same global experts
         assert torch.equal(experts[name], experts_again[name]), name
+
+
+def test_cyclic_sampling_trains_every_client_once_per_cycle(tiny_env):
+    make_glue(tiny_env / "data", rows=400)
+    sampled = {}
+    for seed in (0, 1):
+        rc = tiny_run_config(tiny_env, **{"num-clients": 20, "num-rounds": 8, "fraction-train": 0.25,
+                                          "client-sampling": "cyclic", "seed": seed, "publish": False,
+                                          "evaluate-every": 8, "output-dir": str(tiny_env / f"out{seed}")})
+        grid = DrawnIdsGrid(app, rc, 20, draw=seed)
+        outcome = run_federation(grid, FederationConfig.from_run_config(rc))
+        rounds = [[grid.partition[m.metadata.dst_node_id] for m in sent]
+                  for kind, sent, _ in grid.exchanges if kind == "train"]
+        assert [len(r) for r in rounds] == [5] * 8
+        for cycle in (rounds[:4], rounds[4:]):  # 20 clients / 5 a round: a cycle of 4 rounds
+            assert sorted(p for r in cycle for p in r) == list(range(20))
+        assert outcome.metrics["federation"]["aggregated_rounds"] == list(range(1, 9))
+        assert random.sample == random.Random.sample.__get__(random._inst)  # restored after each draw
+        assert rounds[:4] != rounds[4:]  # each cycle in its own order
+        sampled[seed] = rounds
+    assert sampled[0] != sampled[1]
+
+
+def test_a_client_cycle_skips_departed_clients_and_takes_joiners_next_cycle():
+    cycle = ClientCycle(seed=0)
+    first = cycle.take([1, 2, 3, 4], 2)
+    rest = cycle.take([1, 2, 3, 4, 5], 2)  # 5 joined mid-cycle: not in this cycle
+    assert sorted(first + rest) == [1, 2, 3, 4]
+    gone = rest[0]
+    live = [n for n in (1, 2, 3, 4, 5) if n != gone]
+    drawn = cycle.take(live, 2) + cycle.take(live, 2)
+    assert sorted(drawn) == sorted(live) and gone not in drawn  # the next cycle: 5 in, the departed out
+    # A round across a cycle's end: the old cycle's last client, then new ones, none twice.
+    odd = ClientCycle(seed=3)
+    draws = [odd.take([1, 2, 3], 2) for _ in range(3)]
+    assert all(len(set(d)) == 2 for d in draws)
+    assert sorted(draws[0] + draws[1][:1]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="cannot sample 4 clients of 3"):
+        odd.take([1, 2, 3], 4)
 
 
 def test_nodes_without_a_partition_id_are_sampled_after_the_others():
