@@ -12,7 +12,7 @@ order.
 ``client-sampling=cyclic`` (``ClientCycle``) draws the training clients without replacement across
 rounds: every connected client once per cycle of ``num-clients / sampled`` rounds, in a seeded
 random order per cycle (cyclic participation, Cho et al. 2023). With label-skewed partitions each
-cycle then covers every client's labels exactly once, where uniform draws leave about a quarter of
+cycle then covers every client's labels exactly once, where uniform draws leave about a third of
 the clients out of any four rounds (docs/FEDERATION.md, "Sampling and stragglers").
 """
 
