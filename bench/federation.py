@@ -4,6 +4,8 @@
     .venv/bin/python bench/federation.py --stage select # one stage
     .venv/bin/python bench/federation.py --report-only  # rewrite federation.json and the docs section
     .venv/bin/python bench/federation.py --quick        # tiny end-to-end check, nothing written
+    .venv/bin/python bench/federation.py --stage diagnose --worker 0/2 &  # two workers, one per core
+    .venv/bin/python bench/federation.py --stage diagnose --worker 1/2
 
 Stages, each resumable (every finished run is one line of bench/results/federation_runs.jsonl, keyed
 by its stage, side, seed, hyperparameters and the protocol hash; finished runs are skipped):
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -54,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import (  # noqa: E402
@@ -165,12 +170,15 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "SCAFFOLD drift control": {"drift-control": "scaffold", "average-last-rounds": 5, "precision": "fp32"},
     # every client once per 4 rounds (federation.sampling.ClientCycle), also at tail averaging
     "cyclic client sampling": {"client-sampling": "cyclic", "average-last-rounds": 5, "precision": "fp32"},
+    # each client's AdamW kept between its rounds (federation.optimizer_state), at tail averaging
+    "client AdamW state kept between rounds": {
+        "client-optimizer-state": "keep", "average-last-rounds": 5, "precision": "fp32"},
 }
 # Diagnoses that led their reference by more than one run's noise, run again on CONFIRM_SEED (with
 # their reference) before anything is concluded from them.
 CONFIRM_DIAGNOSES = ("chosen setting in fp32", "10 clients a round x 3 local steps",
                      "tail average of the last 5 rounds", "tail average of the last 10 rounds",
-                     "SCAFFOLD drift control", "cyclic client sampling")
+                     "SCAFFOLD drift control", "cyclic client sampling", "client AdamW state kept between rounds")
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -368,12 +376,15 @@ def job_precision(spec: dict) -> str:
     return settings.get("precision", PRECISION)
 
 
-def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: Path) -> None:
-    """Run every job not finished yet, appending each result to ``log`` as it completes."""
+def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: Path,
+            worker: tuple[int, int] = (0, 1)) -> None:
+    """Run every job not finished yet, appending each result to ``log`` as it completes.
+
+    ``worker`` (i, n): only every n-th unfinished job from the i-th, so that n processes started
+    together (``--worker i/n``) share the jobs."""
     roots = {"select": None, "report": data_dir()}
-    for spec in jobs:
-        if run_key(spec) in done:
-            continue
+    index, count = worker
+    for spec in [j for j in jobs if run_key(j) not in done][index::count]:
         data = "report" if spec["stage"] == "report" else "select"  # diagnose: on the selection data
         if roots[data] is None:
             roots[data] = selection_data(p, tmp / "selection-data")
@@ -694,12 +705,34 @@ def legacy_runs() -> list[dict]:
     return [v for v in runs if "protocol_id" not in v and not v.get("quick")]
 
 
+def parse_worker(text: str) -> tuple[int, int]:
+    """``"1/2"`` -> ``(1, 2)``.
+
+    Raises:
+        argparse.ArgumentTypeError: not I/N with 0 <= I < N.
+    """
+    try:
+        index, count = (int(t) for t in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--worker takes I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--worker {text}: I must be in 0..N-1")
+    return index, count
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("select", "report", "diagnose", "all"), default="all")
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from finished runs")
     parser.add_argument("--quick", action="store_true", help="tiny data and budget, one seed, nothing written")
+    parser.add_argument("--worker", type=parse_worker, default=(0, 1), metavar="I/N",
+                        help="run every N-th unfinished job from the I-th (0-based), single-threaded: start "
+                        "N such processes at once, one per core; the last to finish writes the complete report")
     opts = parser.parse_args(argv)
+    worker = opts.worker
+    if worker[1] > 1:  # one core per worker; the Flower processes inherit the environment
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     p = PROTOCOL | (QUICK if opts.quick else {})
     fed_grid, central_grid = (FED_GRID[::3][:2], CENTRAL_GRID[:1]) if opts.quick else (FED_GRID, CENTRAL_GRID)
     seeds = (SELECT_SEED,) if opts.quick else REPORT_SEEDS
@@ -710,12 +743,14 @@ def main(argv: list[str] | None = None) -> dict:
             if opts.stage in ("select", "all"):
                 grids = {"federated": fed_grid, "centralized": central_grid}
                 jobs = [job("select", side, SELECT_SEED, hp) for side, grid in grids.items() for hp in grid]
-                execute(jobs, p, done, log, opts.quick, Path(tmp))
+                execute(jobs, p, done, log, opts.quick, Path(tmp), worker)
+                done |= load_runs(protocol_id(p), log)  # the grid runs of other workers
+                # (a worker that finds the grid unfinished leaves the finalists to a later call)
                 jobs = [job("select", side, CONFIRM_SEED, hp) for side, grid in grids.items()
-                        for hp in finalists(done, side, grid)]
+                        for hp in finalists(done, side, grid) or []]
                 jobs += [finalist_job(side, seed, hp) for seed in (SELECT_SEED, CONFIRM_SEED)
-                         for side, grid in grids.items() for hp in finalists(done, side, grid)]
-                execute(jobs, p, done, log, opts.quick, Path(tmp))
+                         for side, grid in grids.items() for hp in finalists(done, side, grid) or []]
+                execute(jobs, p, done, log, opts.quick, Path(tmp), worker)
             fed_hp, central_hp = chosen(done, "federated", fed_grid), chosen(done, "centralized", central_grid)
             if opts.stage in ("report", "all"):
                 if fed_hp is None or central_hp is None:
@@ -727,13 +762,14 @@ def main(argv: list[str] | None = None) -> dict:
                     jobs += [report_job("exact", s, fed_hp)] if exact_mode() else []
                     jobs += [report_job("ranks", s, fed_hp)] if s in RANKS_SEEDS else []
                 jobs += [report_job("generation", s, {}) for s in GENERATION_SEEDS] if generation_case() else []
-                execute(jobs, p, done, log, opts.quick, Path(tmp))
+                execute(jobs, p, done, log, opts.quick, Path(tmp), worker)
             if opts.stage in ("diagnose", "all") and not opts.quick:  # 50 rounds are no smoke test
                 if fed_hp is None:
                     raise SystemExit("the select stage has not finished: run --stage select first")
                 jobs = [job("diagnose", name, SELECT_SEED, fed_hp) for name in DIAGNOSES]
                 jobs += [job("diagnose", name, CONFIRM_SEED, fed_hp) for name in CONFIRM_DIAGNOSES]
-                execute(jobs, p, done, log, opts.quick, Path(tmp))
+                execute(jobs, p, done, log, opts.quick, Path(tmp), worker)
+        done = load_runs(protocol_id(p), log)  # with the runs other workers finished meanwhile
         results = summarize(done, p, seeds, fed_grid, central_grid, opts.quick)
         text = report(results, done) if results["seeds"] else None
     if opts.quick:

@@ -6,8 +6,9 @@ model on the frozen backbone, trains ``local-steps`` steps with stochastic routi
 consistency loss, and replies with the same tensor names, ``num-examples`` and metrics. A client
 of a smaller LoRA rank (``client-ranks``) trains and replies at its rank (``federation.ranks``).
 A head that is not federated (multi-task GLUE runs) stays on the client, in the run's
-``Context.state``, as does its SCAFFOLD control variate when the server sends one
-(``federation.scaffold``). What a model, its data and its training are depends on the run's task family
+``Context.state``, as do its SCAFFOLD control variate when the server sends one
+(``federation.scaffold``) and, with ``client-optimizer-state=keep``, its AdamW state
+(``federation.optimizer_state``). What a model, its data and its training are depends on the run's task family
 (``federation.task.family_of``: GLUE classification or data-to-text generation).
 """
 
@@ -21,6 +22,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from federation import ranks
 from federation.config import FederationConfig
 from federation.mods import fault_mod, timing_mod
+from federation.optimizer_state import STATE_KEY as OPTIMIZER_STATE_KEY, KeptOptimizerState
 from federation.records import from_record, to_record
 from federation.sampling import PARTITION_KEY, REPLY_KEY
 from federation.scaffold import CLIENT_STATE_KEY, CONTROL_KEY, DELTA_KEY, DriftCorrection
@@ -88,7 +90,14 @@ def train(msg: Message, context: Context) -> Message:
         own = context.state[CLIENT_STATE_KEY] if CLIENT_STATE_KEY in context.state.array_records else None
         correction = DriftCorrection(family.trainable_shared(model, cfg.head_federated),
                                      msg.content[CONTROL_KEY], own)
-    stats = family.train_round(model, cfg, task, examples, seed, server_round, after_backward=correction)
+    kept = None
+    if cfg.client_optimizer_state == "keep":
+        own = context.state[OPTIMIZER_STATE_KEY] if OPTIMIZER_STATE_KEY in context.state.array_records else None
+        kept = KeptOptimizerState(from_record(own) if own is not None else None)
+    stats = family.train_round(model, cfg, task, examples, seed, server_round, after_backward=correction,
+                               kept=kept)
+    if kept is not None:
+        context.state[OPTIMIZER_STATE_KEY] = to_record(kept.tensors)
     if cfg.local_head:
         context.state[LOCAL_HEAD] = to_record(family.head_of(model))
     metrics = MetricRecord({NUM_EXAMPLES: len(examples), **stats})

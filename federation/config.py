@@ -36,6 +36,8 @@ LR_SCHEDULES = ("linear", "constant")
 # clients' mean update re-factored by a truncated SVD (FlexLoRA).
 AGGREGATIONS = ("factors", "svd")
 DRIFT_CONTROLS = ("none", "scaffold")
+# A client's AdamW between its rounds (federation.optimizer_state): built anew, or kept in its state.
+CLIENT_OPTIMIZER_STATES = ("fresh", "keep")
 # How each round's training clients are drawn (federation.sampling): uniformly at random every
 # round, or without replacement across rounds (every client once per cycle).
 CLIENT_SAMPLINGS = ("uniform", "cyclic")
@@ -254,6 +256,12 @@ class FederationConfig:
                   "double what a round moves. Not with dp or client-ranks; it diverged on one of two benchmark seeds "
                   "with the clients' AdamW (docs/FEDERATION.md, 'Drift control')."},
     )
+    client_optimizer_state: str = field(
+        default="fresh",
+        metadata={"help": "'fresh' (a new AdamW every round, as usual in FL) or 'keep' (each client's AdamW "
+                  "moments and step count stay in its Context.state between the rounds it trains, as "
+                  "DiLoCo's workers keep their inner optimizer; nothing more travels)."},
+    )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
         default="auto",
@@ -341,6 +349,7 @@ class FederationConfig:
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("drift-control", self.drift_control, DRIFT_CONTROLS)
         _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
+        _choice("client-optimizer-state", self.client_optimizer_state, CLIENT_OPTIMIZER_STATES)
         if self.drift_control == "scaffold" and (self.dp != "none" or self.client_ranks):
             raise ValueError("drift-control=scaffold works with dp='none' and one rank for all clients: "
                              f"got dp={self.dp!r}, client-ranks={self.client_ranks!r} (the control variates "
@@ -526,6 +535,7 @@ class FederationConfig:
             "strategy": self.strategy,
             "aggregation": self.aggregation,
             "drift_control": self.drift_control,
+            "client_optimizer_state": self.client_optimizer_state,
             "client_ranks": parse_ranks(self.client_ranks) or None,
             "server_learning_rate": self.server_learning_rate,
             "server_momentum": self.server_momentum,

@@ -30,6 +30,7 @@ from adamix_zoo.model import AdaMixModel, is_adapter_param
 from adamix_zoo.optim import make_optimizer, make_scheduler
 from adamix_zoo.runtime import resolve_precision, select_device
 from federation.config import FederationConfig
+from federation.optimizer_state import KeptOptimizerState
 from federation.records import HEAD_PREFIX
 
 if TYPE_CHECKING:
@@ -303,13 +304,16 @@ class TaskFamily(ABC):
     def train_round(
         self, model: nn.Module, cfg: FederationConfig, task: str, examples: list[dict[str, Any]], seed: int,
         server_round: int = 1, after_backward: Callable[[], None] | None = None,
+        kept: KeptOptimizerState | None = None,
     ) -> dict[str, float]:
         """One client's local work: ``local-steps`` steps of ``adamix_zoo.loop.train_steps``.
 
         Routing, dropout and batch order are seeded by ``seed`` (distinct per client and round); a
         fresh AdamW per round, as usual in FL, at the learning rates of round ``server_round``'s slice
         of the run's schedule (``round_scheduler``). ``after_backward``: the loop's hook of that name
-        (SCAFFOLD's gradient correction).
+        (SCAFFOLD's gradient correction). ``kept``: the client's AdamW state from its previous
+        rounds, restored into this round's AdamW and updated in place after it
+        (``client-optimizer-state=keep``).
 
         Returns:
             ``train-loss``, ``train-consistency`` and ``train-seconds`` (the training loop alone).
@@ -319,12 +323,17 @@ class TaskFamily(ABC):
         data = self.batches(cfg, task, examples, seed)
         optimizer = make_optimizer(model, cfg.learning_rate, weight_decay=self.weight_decay,
                                    head_lr=cfg.head_learning_rate or None)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if kept is not None:
+            kept.restore(optimizer, trainable)
         start = time.perf_counter()
         device = select_device()
         stats = train_steps(model, data, None, cfg.local_steps, optimizer, round_scheduler(cfg, optimizer, server_round),
                             device=device, precision=resolve_precision(cfg.precision, device),
                             loss_fn=self.loss_fn(model, cfg, task, examples), after_backward=after_backward)
         seconds = time.perf_counter() - start
+        if kept is not None:
+            kept.capture(optimizer, trainable)
         model.eval()
         return {
             "train-loss": stats["loss"],
