@@ -8,8 +8,8 @@ of a smaller LoRA rank (``client-ranks``) trains and replies at its rank (``fede
 A head that is not federated (multi-task GLUE runs) stays on the client, in the run's
 ``Context.state``, as do its SCAFFOLD control variate when the server sends one
 (``federation.scaffold``) and, with ``client-optimizer-state=keep``, its AdamW state
-(``federation.optimizer_state``). What a model, its data and its training are depends on the run's task family
-(``federation.task.family_of``: GLUE classification or data-to-text generation).
+(``federation.optimizer_state``). What a model, its data and its training are depends on the run's
+task family (``federation.task.family_of``: GLUE classification or data-to-text generation).
 """
 
 from __future__ import annotations
