@@ -260,7 +260,8 @@ class FederationConfig:
         default="fresh",
         metadata={"help": "'fresh' (a new AdamW every round, as usual in FL) or 'keep' (each client's AdamW "
                   "moments and step count stay in its Context.state between the rounds it trains, as "
-                  "DiLoCo's workers keep their inner optimizer; nothing more travels)."},
+                  "DiLoCo's workers keep their inner optimizer; nothing more travels). With 5 of 20 clients a "
+                  "round, keep trailed fresh on both benchmark seeds (docs/FEDERATION.md, 'Client optimizer state')."},
     )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
