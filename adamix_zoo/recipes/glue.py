@@ -35,9 +35,8 @@ from adamix_zoo.task_model import build_task_model
 METHODS = ("full", *ADAPTER_METHODS)
 # The fidelity benchmark's protocol (docs/BENCHMARKS.md): learning rates from its grid, a budget of
 # 600 steps of 16 for the single-adapter methods and the paper's 2x allowance for the mixtures, four
-# dev evaluations per run keeping the best, and a fresh head at 1e-2. adamix-adapter's grid is not
-# complete yet (its rate is the ablations' 1e-3 until it is).
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "adapter": 4e-3, "adamix-lora": 2e-3, "adamix-adapter": 1e-3}
+# dev evaluations per run keeping the best, and a fresh head at 1e-2.
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "adapter": 4e-3, "adamix-lora": 2e-3, "adamix-adapter": 4e-3}
 DEFAULT_STEPS = {"full": 600, "lora": 600, "adapter": 600, "adamix-lora": 1200, "adamix-adapter": 1200}
 DEFAULT_HEAD_LR = 1e-2
 EVALS_PER_RUN = 4
