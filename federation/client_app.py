@@ -92,8 +92,8 @@ def train(msg: Message, context: Context) -> Message:
                                      msg.content[CONTROL_KEY], own)
     kept = None
     if cfg.client_optimizer_state == "keep":
-        record = context.state[OPTIMIZER_STATE_KEY] if OPTIMIZER_STATE_KEY in context.state.array_records else None
-        kept = KeptOptimizerState(from_record(record) if record is not None else None)
+        saved = context.state.array_records.get(OPTIMIZER_STATE_KEY)
+        kept = KeptOptimizerState(from_record(saved) if saved is not None else None)
     stats = family.train_round(model, cfg, task, examples, seed, server_round, after_backward=correction,
                                kept=kept)
     if kept is not None:
