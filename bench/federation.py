@@ -113,6 +113,10 @@ PRECISION = "bf16"
 # 20 rounds is the library default (a quarter of the rounds), pinned here so that the runs keep their
 # meaning; the federated runs also record their last round's model (``last_round_metric``).
 REPORT_SETTINGS: dict[str, Any] = {"average-last-rounds": 5, "precision": "fp32"}
+# The federated sides' report settings beyond REPORT_SETTINGS (the centralized runs, which have no
+# clients, keep their keys): every training reply weighted alike, the library default since the
+# diagnosis "client weighting: uniform" led the partition-size weighting on both selection seeds.
+FEDERATED_REPORT_SETTINGS: dict[str, Any] = {"client-weighting": "uniform"}
 QUICK = {"rounds": 2, "local_steps": 3, "batch_size": 8, "train_limit": 2000, "eval_limit": 200,
          "max_length": 32, "selection_rows": 200}  # 20 Dirichlet partitions need ~100 rows each
 # head_learning_rate 0: the head at the adapters' rate; 1e-2: the GLUE recipe's head rate. Server
@@ -182,13 +186,19 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     # server momentum 0.8 led its fp32 reference by 3 points on the last-round model; again at the
     # default tail averaging, which may let a larger server step's noisier iterates average out
     "server momentum 0.8, tail averaging": {"server-momentum": 0.8, "average-last-rounds": 5, "precision": "fp32"},
+    # each reply weighted by the examples it trained on this round (at most 6 x 16 = 96) rather than
+    # its partition size (15 to 1032 rows at alpha 0.5, the largest often of one label), or alike
+    "client weighting: examples trained on": {
+        "client-weighting": "trained", "average-last-rounds": 5, "precision": "fp32"},
+    "client weighting: uniform": {"client-weighting": "uniform", "average-last-rounds": 5, "precision": "fp32"},
 }
 # Diagnoses that led their reference by more than one run's noise, run again on CONFIRM_SEED (with
 # their reference) before anything is concluded from them.
 CONFIRM_DIAGNOSES = ("chosen setting in fp32", "10 clients a round x 3 local steps",
                      "tail average of the last 5 rounds", "tail average of the last 10 rounds",
                      "SCAFFOLD drift control", "cyclic client sampling", "client AdamW state kept between rounds",
-                     "server momentum 0.8, tail averaging")
+                     "server momentum 0.8, tail averaging", "client weighting: examples trained on",
+                     "client weighting: uniform")
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -203,8 +213,11 @@ def job(stage: str, side: str, seed: int, hp: dict[str, Any], settings: dict[str
 
 
 def report_job(side: str, seed: int, hp: dict[str, Any]) -> dict[str, Any]:
-    """A report run at REPORT_SETTINGS (the generation case keeps its own, bench/federation_generation)."""
-    return job("report", side, seed, hp, None if side == "generation" else REPORT_SETTINGS)
+    """A report run at REPORT_SETTINGS (the federated sides also at FEDERATED_REPORT_SETTINGS; the
+    generation case keeps its own, bench/federation_generation)."""
+    if side == "generation":
+        return job("report", side, seed, hp)
+    return job("report", side, seed, hp, REPORT_SETTINGS | ({} if side == "centralized" else FEDERATED_REPORT_SETTINGS))
 
 
 def run_key(run: dict[str, Any]) -> str:
@@ -273,6 +286,7 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
         "server-momentum": hp["server_momentum"],
         "precision": PRECISION,
         "average-last-rounds": 1,  # the last round's model, as every run before REPORT_SETTINGS saved it
+        "client-weighting": "partition",  # every run before FEDERATED_REPORT_SETTINGS weighed replies so
     } | (extra or {})
     metrics, wall = simulate(run_config, timeout=3600)
     log = metrics["federation"]
@@ -507,6 +521,7 @@ def summarize(done: dict, p: dict, seeds: tuple, fed_grid: list, central_grid: l
         # the same runs' last-round models: what tail averaging changed
         "fed_vs_central_metric_ratio_last_round": mean([s["ratio_last_round"] for s in per_seed]),
         "report_settings": REPORT_SETTINGS,
+        "federated_report_settings": FEDERATED_REPORT_SETTINGS,
         "target_fed_vs_central_metric_ratio": TARGET_RATIO,
         "round_overhead_fraction": mean([r["overhead"]["round_overhead_fraction"] for r in fed_runs]),
         "overhead_breakdown": {k: mean([r["overhead"][k] for r in fed_runs])
@@ -668,6 +683,7 @@ def report(r: dict, done: dict) -> str:
            "fell to 0.7844 / 0.7030 at tail averaging (its last-round models 0.8337 / 0.5883): the larger "
            "server steps swing the late global models too far for their average. None became a default."
            if r["diagnoses"] else "")
+        + weighting_paragraph(r)
         + report_paragraph(r)
         + finalists_paragraph(sel)
         + widening_paragraph(done)
@@ -724,6 +740,27 @@ def finalists_paragraph(sel: dict) -> str:
     return ("\n\nThe finalists' two-seed means at the report's settings: " + "; ".join(sides) + ".") if sides else ""
 
 
+def weighting_paragraph(r: dict) -> str:
+    """How the training replies' weighting compared, from the diagnoses against the tail-averaged default."""
+    rows = {d["name"]: d for d in r["diagnoses"]}
+    names = ("tail average of the last 5 rounds", "client weighting: examples trained on", "client weighting: uniform")
+    if not all(n in rows and rows[n]["confirm_metric"] is not None for n in names):
+        return ""
+    reference, trained, uniform = ((rows[n]["metric"], rows[n]["confirm_metric"]) for n in names)
+    pair = " / ".join
+    return ("\n\nEach round's average weighs the training replies. Flower's convention, a client's partition size "
+            "(`client-weighting=partition`), lets one large partition set most of a round's update: at "
+            f"alpha {r['protocol']['alpha']} the 20 partitions hold from about 15 to about 1,000 rows, the "
+            "largest often of one label, and 5 sampled replies weighted by size count as about 3 equal ones (the report's "
+            "partitions of seeds 1 and 2). "
+            "Every client runs the same local steps, so weighting them alike (`uniform`) reached "
+            f"{pair(map(fmt, uniform))} on seeds {SELECT_SEED} / {CONFIRM_SEED} against the partition "
+            f"weighting's {pair(map(fmt, reference))}, and weighting by the examples trained on this round (at "
+            f"most local steps x batch size, `trained`) {pair(map(fmt, trained))}. Uniform led on both seeds, "
+            "by less than one run's noise, and at no cost; it became the default and the report's setting "
+            "(`federated_report_settings`). With IID partitions of equal size the three coincide.")
+
+
 def report_paragraph(r: dict) -> str:
     """What tail averaging did to the report's per-seed ratios, and how to read its timings."""
     pairs = [(s["seed"], s["ratio_last_round"], s["ratio"]) for s in r["seeds"] if s.get("ratio_last_round")]
@@ -732,11 +769,11 @@ def report_paragraph(r: dict) -> str:
     lifted = ", ".join(f"{last:.4f} to {tail:.4f} (seed {seed})" for seed, last, tail in pairs)
     rows = r["protocol"]["eval_limit"]
     return (f"\n\nOn the dev set, tail averaging moved the ratios from the same runs' last-round models' to "
-            f"its own: {lifted}; one dev row is {1 / rows:.4f} of accuracy. The report's fp32 runs, on a CPU "
-            "without fast bf16, took about 3.5x the wall time of the bf16 report runs before them (on a CPU "
-            "with AMX), nearly all of it inside the clients' loops, so their round overhead fraction (the share "
-            "of a round outside those loops) is smaller for that reason; it was 0.115 in bf16. Wall seconds "
-            "are the runs' own, beside whatever else ran on the machine.")
+            f"its own: {lifted}; one dev row is {1 / rows:.4f} of accuracy. The report's runs train in fp32, "
+            "whose client loops are slower than bf16's on CPUs with AMX, so their round overhead fraction (the "
+            "share of a round outside those loops) is smaller for that reason; it was 0.115 in the bf16 report "
+            "runs before them. Wall seconds are the runs' own, beside whatever else ran on the machine (two "
+            "runs at a time, one per core, with `--worker`).")
 
 
 def legacy_runs() -> list[dict]:

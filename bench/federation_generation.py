@@ -92,6 +92,7 @@ def federated(s: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], 
         "round-timeout": 3600.0,
         "precision": PRECISION,
         "average-last-rounds": 1,  # the last round's model, as the recorded runs saved it
+        "client-weighting": "partition",  # as the recorded runs weighed replies (IID: equal partitions)
     }
     return simulate(run_config, timeout=4 * 3600)
 

@@ -76,6 +76,19 @@ def _model(
     return model
 
 
+def train_weight(cfg: FederationConfig, partition_size: int) -> int:
+    """A training reply's ``num-examples``, its weight in the average (``client-weighting``).
+
+    Every client runs the same local steps, however large its partition: 'uniform' (the default)
+    weighs them alike and 'trained' by the examples each trained on, so that one large (under label
+    skew, often one-label) partition does not set most of a round's update as 'partition' lets it."""
+    if cfg.client_weighting == "uniform":
+        return 1
+    if cfg.client_weighting == "trained":
+        return min(partition_size, cfg.local_steps * cfg.batch_size)
+    return partition_size
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, pid = settings(context)
@@ -100,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[OPTIMIZER_STATE_KEY] = to_record(kept.tensors)
     if cfg.local_head:
         context.state[LOCAL_HEAD] = to_record(family.head_of(model))
-    metrics = MetricRecord({NUM_EXAMPLES: len(examples), **stats})
+    metrics = MetricRecord({NUM_EXAMPLES: train_weight(cfg, len(examples)), **stats})
     shared = family.shared_state(model, cfg.head_federated)
     content = RecordDict({ARRAYS_KEY: to_record(shared), METRICS_KEY: metrics})
     if correction is not None:

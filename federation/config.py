@@ -41,6 +41,9 @@ CLIENT_OPTIMIZER_STATES = ("fresh", "keep")
 # How each round's training clients are drawn (federation.sampling): uniformly at random every
 # round, or without replacement across rounds (every client once per cycle).
 CLIENT_SAMPLINGS = ("uniform", "cyclic")
+# A training reply's weight in the average (its ``num-examples``): the client's partition size, the
+# examples it trained on this round (at most local-steps x batch-size), or 1 for every client.
+CLIENT_WEIGHTINGS = ("partition", "trained", "uniform")
 HEAD_MODES = ("auto", "true", "false")
 # Run-config key -> AdaMixConfig field; the seed is the run's own ``seed``.
 ADAMIX_KEYS = {"kind": "kind", "num-experts": "num_experts", "rank": "rank", "lora-alpha": "alpha",
@@ -263,6 +266,14 @@ class FederationConfig:
                   "DiLoCo's workers keep their inner optimizer; nothing more travels). With 5 of 20 clients a "
                   "round, keep trailed fresh on both benchmark seeds (docs/FEDERATION.md, 'Client optimizer state')."},
     )
+    client_weighting: str = field(
+        default="uniform",
+        metadata={"help": "A training reply's weight in the average: 'uniform' (every reply alike: each "
+                  "client ran the same local steps), 'partition' (its partition size, Flower's convention) "
+                  "or 'trained' (the examples it trained on this round: at most local-steps x batch-size). "
+                  "Under label skew uniform led partition on both benchmark seeds (docs/FEDERATION.md, "
+                  "'Client weighting')."},
+    )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     federate_head: str = field(
         default="auto",
@@ -351,6 +362,7 @@ class FederationConfig:
         _choice("drift-control", self.drift_control, DRIFT_CONTROLS)
         _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
         _choice("client-optimizer-state", self.client_optimizer_state, CLIENT_OPTIMIZER_STATES)
+        _choice("client-weighting", self.client_weighting, CLIENT_WEIGHTINGS)
         if self.drift_control == "scaffold" and (self.dp != "none" or self.client_ranks):
             raise ValueError("drift-control=scaffold works with dp='none' and one rank for all clients: "
                              f"got dp={self.dp!r}, client-ranks={self.client_ranks!r} (the control variates "
@@ -537,6 +549,7 @@ class FederationConfig:
             "aggregation": self.aggregation,
             "drift_control": self.drift_control,
             "client_optimizer_state": self.client_optimizer_state,
+            "client_weighting": self.client_weighting,
             "client_ranks": parse_ranks(self.client_ranks) or None,
             "server_learning_rate": self.server_learning_rate,
             "server_momentum": self.server_momentum,

@@ -69,6 +69,11 @@ def test_defaults_are_the_federation_benchmarks_choice():
     assert cfg.server_momentum == chosen["server_momentum"]
     assert cfg.head_learning_rate == chosen["head_learning_rate"]
     assert cfg.logit_adjustment == chosen["logit_adjustment"]
+    # the reply weighting the report ran at, adopted from the diagnoses
+    from bench.federation import FEDERATED_REPORT_SETTINGS
+
+    assert results["federated_report_settings"]["client-weighting"] == cfg.client_weighting
+    assert FEDERATED_REPORT_SETTINGS["client-weighting"] == cfg.client_weighting
     # the rate: a finalist level with the chosen one (two-seed means less than one binomial standard
     # error of such a mean apart: the selection rows cannot rank them), and the rate the centralized
     # side chose, also the data-to-text recipe's: one rate measured on both task families
