@@ -187,7 +187,7 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     # default tail averaging, which may let a larger server step's noisier iterates average out
     "server momentum 0.8, tail averaging": {"server-momentum": 0.8, "average-last-rounds": 5, "precision": "fp32"},
     # each reply weighted by the examples it trained on this round (at most 6 x 16 = 96) rather than
-    # its partition size (15 to 1032 rows at alpha 0.5, the largest often of one label), or alike
+    # its partition size (Dirichlet partitions differ widely in size, the largest often of one label), or alike
     "client weighting: examples trained on": {
         "client-weighting": "trained", "average-last-rounds": 5, "precision": "fp32"},
     "client weighting: uniform": {"client-weighting": "uniform", "average-last-rounds": 5, "precision": "fp32"},
@@ -750,10 +750,8 @@ def weighting_paragraph(r: dict) -> str:
     pair = " / ".join
     return ("\n\nEach round's average weighs the training replies. Flower's convention, a client's partition size "
             "(`client-weighting=partition`), lets one large partition set most of a round's update: at "
-            f"alpha {r['protocol']['alpha']} the 20 partitions hold from about 15 to about 1,000 rows, the "
-            "largest often of one label, and 5 sampled replies weighted by size count as about 3 equal ones (the report's "
-            "partitions of seeds 1 and 2). "
-            "Every client runs the same local steps, so weighting them alike (`uniform`) reached "
+            f"alpha {r['protocol']['alpha']} the Dirichlet partitions differ widely in size, and the largest are "
+            "often of one label. Every client runs the same local steps, so weighting them alike (`uniform`) reached "
             f"{pair(map(fmt, uniform))} on seeds {SELECT_SEED} / {CONFIRM_SEED} against the partition "
             f"weighting's {pair(map(fmt, reference))}, and weighting by the examples trained on this round (at "
             f"most local steps x batch size, `trained`) {pair(map(fmt, trained))}. Uniform led on both seeds, "
