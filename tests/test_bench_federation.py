@@ -29,3 +29,16 @@ def test_worker_option_takes_i_of_n():
     for text in ("2/2", "-1/2", "1", "a/b"):
         with pytest.raises(argparse.ArgumentTypeError, match="--worker"):
             federation.parse_worker(text)
+
+
+@pytest.mark.parametrize("name", list(federation.DIAGNOSES))
+def test_every_diagnosis_overrides_known_run_config_keys_with_valid_values(name):
+    """A misspelt key would be ignored by the federation, and the diagnosis would silently rerun the
+    reference; a bad value must fail here, not an hour into the benchmark."""
+    from federation.config import FederationConfig
+
+    overrides = federation.DIAGNOSES[name]
+    assert set(overrides) <= set(FederationConfig().to_run_config()), name
+    cfg = FederationConfig.from_run_config({"tasks": "sst2", "num-clients": 20} | overrides)
+    for key, value in overrides.items():
+        assert cfg.to_run_config()[key] == value, (name, key)
