@@ -1,4 +1,4 @@
-"""bench/federation.py's workers: processes started together share the unfinished jobs."""
+"""bench/federation.py: workers started together share the unfinished jobs; every diagnosis names valid run-config settings."""
 
 from __future__ import annotations
 
