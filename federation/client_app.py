@@ -21,6 +21,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from federation import ranks
 from federation.config import FederationConfig
+from federation.label_balance import LABEL_COUNTS
 from federation.mods import fault_mod, timing_mod
 from federation.optimizer_state import STATE_KEY as OPTIMIZER_STATE_KEY, KeptOptimizerState
 from federation.records import from_record, to_record
@@ -82,7 +83,7 @@ def train_weight(cfg: FederationConfig, partition_size: int) -> int:
     Every client runs the same local steps, however large its partition: 'uniform' (the default)
     weighs them alike and 'trained' by the examples each trained on, so that one large (under label
     skew, often one-label) partition does not set most of a round's update as 'partition' lets it."""
-    if cfg.client_weighting == "uniform":
+    if cfg.client_weighting in ("uniform", "label-balanced"):  # label-balanced: the server reweighs
         return 1
     if cfg.client_weighting == "trained":
         return min(partition_size, cfg.local_steps * cfg.batch_size)
@@ -114,6 +115,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.local_head:
         context.state[LOCAL_HEAD] = to_record(family.head_of(model))
     metrics = MetricRecord({NUM_EXAMPLES: train_weight(cfg, len(examples)), **stats})
+    if cfg.client_weighting == "label-balanced":
+        metrics[LABEL_COUNTS] = family.label_counts(task, examples)
     shared = family.shared_state(model, cfg.head_federated)
     content = RecordDict({ARRAYS_KEY: to_record(shared), METRICS_KEY: metrics})
     if correction is not None:

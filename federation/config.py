@@ -42,8 +42,9 @@ CLIENT_OPTIMIZER_STATES = ("fresh", "keep")
 # round, or without replacement across rounds (every client once per cycle).
 CLIENT_SAMPLINGS = ("uniform", "cyclic")
 # A training reply's weight in the average (its ``num-examples``): the client's partition size, the
-# examples it trained on this round (at most local-steps x batch-size), or 1 for every client.
-CLIENT_WEIGHTINGS = ("partition", "trained", "uniform")
+# examples it trained on this round (at most local-steps x batch-size), 1 for every client, or the
+# server's weights that give the round the federation's label mix (federation.label_balance).
+CLIENT_WEIGHTINGS = ("partition", "trained", "uniform", "label-balanced")
 HEAD_MODES = ("auto", "true", "false")
 # Run-config key -> AdaMixConfig field; the seed is the run's own ``seed``.
 ADAMIX_KEYS = {"kind": "kind", "num-experts": "num_experts", "rank": "rank", "lora-alpha": "alpha",
@@ -270,7 +271,9 @@ class FederationConfig:
         default="uniform",
         metadata={"help": "A training reply's weight in the average: 'uniform' (every reply alike: each "
                   "client ran the same local steps), 'partition' (its partition size, Flower's convention) "
-                  "or 'trained' (the examples it trained on this round: at most local-steps x batch-size). "
+                  "or 'trained' (the examples it trained on this round: at most local-steps x batch-size) "
+                  "or 'label-balanced' (one classification task: the server weighs each round's replies so "
+                  "that their label mix is the federation's, from label counts the clients send). "
                   "Under label skew uniform led partition on both benchmark seeds (docs/FEDERATION.md, "
                   "'Client weighting')."},
     )
@@ -436,6 +439,11 @@ class FederationConfig:
             raise ValueError(
                 f"partitioner={self.partitioner!r} needs class labels; data-to-text clients use 'iid'"
             )
+        if self.client_weighting == "label-balanced" and (
+            self.multi_task or self.family != "glue" or get_task(self.task_list[0]).problem != "classification"
+        ):
+            raise ValueError(f"client-weighting=label-balanced needs one classification task, got "
+                             f"tasks={self.tasks!r}")
 
     def _check_ranks(self) -> None:
         """client-ranks and aggregation=svd: LoRA only, and what the SVD step cannot combine with."""

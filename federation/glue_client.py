@@ -34,10 +34,15 @@ if TYPE_CHECKING:
     import datasets
 
 
+def label_counts(examples: list[dict[str, Any]], num_labels: int) -> torch.Tensor:
+    """How many examples hold each label."""
+    return torch.bincount(torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+                          minlength=num_labels)
+
+
 def label_log_prior(examples: list[dict[str, Any]], num_labels: int) -> torch.Tensor:
     """log of a partition's label frequencies, add-one smoothed (a label it lacks stays finite)."""
-    counts = torch.bincount(torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
-                            minlength=num_labels).double()
+    counts = label_counts(examples, num_labels).double()
     return torch.log((counts + 1) / (counts.sum() + num_labels)).float()
 
 
@@ -75,6 +80,12 @@ class GlueFamily(TaskFamily):
 
     def encode(self, cfg: FederationConfig, task: str, rows: "datasets.Dataset") -> list[dict[str, Any]]:
         return data.encode(rows, get_task(task), tokenizer_for(cfg.backbone), cfg.max_length).features
+
+    def label_counts(self, task: str, examples: list[dict[str, Any]]) -> list[int]:
+        spec = get_task(task)
+        if spec.problem != "classification":
+            raise ValueError(f"{task} is a {spec.problem} task: it has no class labels to count")
+        return label_counts(examples, spec.num_labels).tolist()
 
     def collate(self, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> Batch:
         pad = tokenizer_for(cfg.backbone).pad_token_id or 0

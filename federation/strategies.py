@@ -19,7 +19,8 @@ as sent (so neither rounding, a server optimizer nor DP noise moves them). Clien
 ranks and the SVD re-factoring of the mean update are ``federation.ranks``'. Each round's clients
 are sampled in partition order with a seeded generator (``federation.sampling``), so one seed trains
 the same clients in every run. ``tail_average`` is the mean of the last aggregates (tail averaging).
-SCAFFOLD's control variates travel beside the experts (``federation.scaffold``).
+SCAFFOLD's control variates travel beside the experts (``federation.scaffold``); label-balanced
+weights come from ``federation.label_balance``.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from adamix_zoo.glue_tasks import get_task
 from federation import exactness, ranks
 from federation.bounds import capped
 from federation.config import FederationConfig
+from federation.label_balance import LABEL_COUNTS, LabelMix, counts_problem
 from federation.records import Spec, check_record
 from federation.sampling import ClientOrder
 from federation.scaffold import DELTA_KEY, ServerControl
@@ -89,6 +92,9 @@ class RoundLog:
     aggregation_error: dict[int, dict[str, float]] = field(
         default_factory=dict
     )  # round -> mean / max over LoRA projections of the factor-averaging relative error
+    label_weights: dict[int, list[float]] = field(
+        default_factory=dict
+    )  # round -> the replies' weights under client-weighting=label-balanced (in partition order)
 
     @property
     def aggregated_rounds(self) -> list[int]:
@@ -112,12 +118,14 @@ class RoundLog:
             "client_train_seconds": self.train_seconds,
             "client_handler_seconds": self.client_seconds,
             "aggregation_relative_error": self.aggregation_error,
+            "label_balanced_weights": self.label_weights,
         }
 
 
-def reply_problem(msg: Message, spec: Spec, control: ServerControl | None = None) -> str | None:
+def reply_problem(msg: Message, spec: Spec, control: ServerControl | None = None,
+                  label_mix: LabelMix | None = None) -> str | None:
     """Why a training reply cannot be aggregated, or None when it can (with ``control``: its
-    SCAFFOLD control delta too)."""
+    SCAFFOLD control delta too; with ``label_mix``: its label counts)."""
     if msg.has_error():
         return f"client error: {msg.error.reason}"
     content = msg.content
@@ -134,6 +142,9 @@ def reply_problem(msg: Message, spec: Spec, control: ServerControl | None = None
         or weight <= 0
     ):
         return f"'{NUM_EXAMPLES}' must be a positive number, got {weight!r}"
+    if label_mix is not None and (problem := counts_problem(content[METRICS_KEY].get(LABEL_COUNTS),
+                                                             label_mix.num_labels)):
+        return problem
     problems = check_record(content[ARRAYS_KEY], spec)
     if problems:
         return "; ".join(problems)
@@ -176,6 +187,9 @@ class ValidatingStrategy(Strategy):
         control: SCAFFOLD's server control variate (``federation.scaffold``), sent with every
             training message and moved by the valid replies' deltas of every aggregated round.
             None: no drift control.
+        label_mix: weigh each round's replies to the federation's label mix from the label counts
+            they carry (``federation.label_balance``); a reply without usable counts is rejected.
+            None: the replies' own ``num-examples``.
     """
 
     def __init__(self, inner: Strategy, spec: Spec, min_valid: int, tasks: list[str],
@@ -183,7 +197,8 @@ class ValidatingStrategy(Strategy):
                  evaluates: Callable[[int], bool] | None = None, node_wait: float = 600.0,
                  frozen: Iterable[str] = (), heterogeneous: bool = False,
                  svd_rank: int | None = None, order: ClientOrder | None = None,
-                 average_last: int = 1, control: ServerControl | None = None) -> None:
+                 average_last: int = 1, control: ServerControl | None = None,
+                 label_mix: LabelMix | None = None) -> None:
         if not max_norm_ratio >= 1 or not max_weight_ratio >= 1:
             raise ValueError("max_norm_ratio and max_weight_ratio must be >= 1")
         self.inner, self.spec, self.min_valid, self.tasks = inner, spec, min_valid, tasks
@@ -194,7 +209,7 @@ class ValidatingStrategy(Strategy):
             raise ValueError(f"frozen tensors not in the spec: {sorted(set(self.frozen) - set(spec))[:3]}")
         self.projections = exactness.lora_projections(spec)
         self.heterogeneous, self.svd_rank, self.order = heterogeneous, svd_rank, order
-        self.control = control
+        self.control, self.label_mix = control, label_mix
         self._deltas: list[ArrayRecord] = []  # this round's valid replies' control deltas
         self._shapes = {k: shape for k, (shape, _) in spec.items()}
         self._reply_ranks: dict[int, int] = {}  # id of a padded reply -> its rank, this round
@@ -269,7 +284,8 @@ class ValidatingStrategy(Strategy):
         for msg in self.order.sort(replies) if self.order else replies:
             if sent_arrays is not None:
                 self._pad(msg, sent_arrays)
-            problem = reply_problem(msg, self.spec, self.control) or self._frozen_problem(server_round, msg)
+            problem = (reply_problem(msg, self.spec, self.control, self.label_mix)
+                       or self._frozen_problem(server_round, msg))
             if problem is None:
                 if self.control is not None:  # Flower's strategy expects the experts' record alone
                     self._deltas.append(msg.content[DELTA_KEY])
@@ -321,6 +337,8 @@ class ValidatingStrategy(Strategy):
                 server_round, f"{len(good)} valid updates < min-clients={self.min_valid}"
             )
         self._bound(server_round, good)
+        if self.label_mix is not None:
+            self._balance_labels(server_round, good)
         error = self._factor_averaging_error(good)  # before a DP wrapper clips the replies in place
         try:
             arrays, metrics = self.inner.aggregate_train(server_round, good)
@@ -411,6 +429,14 @@ class ValidatingStrategy(Strategy):
             if weight > weight_limit:
                 msg.content[METRICS_KEY][NUM_EXAMPLES] = weight_limit
                 self._note(server_round, node, f"'{NUM_EXAMPLES}' {weight:.3g} clipped to {weight_limit:.3g}")
+
+    def _balance_labels(self, server_round: int, replies: list[Message]) -> None:
+        """Set, in place, each reply's ``num-examples`` to its label-balanced weight."""
+        weights = self.label_mix.weights(
+            [(m.metadata.src_node_id, m.content[METRICS_KEY][LABEL_COUNTS]) for m in replies])
+        for msg, weight in zip(replies, weights):
+            msg.content[METRICS_KEY][NUM_EXAMPLES] = float(weight)
+        self.log.label_weights[server_round] = [round(float(w), 6) for w in weights]
 
     def _note(self, server_round: int, node: int, what: str) -> None:
         self.log.clipped.setdefault(server_round, []).append((node, what))
@@ -519,11 +545,14 @@ def build_strategy(cfg: FederationConfig, spec: Spec) -> ValidatingStrategy:
     frozen = exactness.frozen_names(spec, cfg.adamix)
     svd_rank = cfg.adamix.rank if cfg.aggregation == "svd" else None
     control = ServerControl(spec, frozen, cfg.num_clients) if cfg.drift_control == "scaffold" else None
+    label_mix = None
+    if cfg.client_weighting == "label-balanced":  # FederationConfig: one classification task
+        label_mix = LabelMix(get_task(cfg.task_list[0]).num_labels)
     return ValidatingStrategy(flower_strategy(cfg), spec, cfg.min_clients, cfg.task_list,
                               evaluates=cfg.evaluates, node_wait=cfg.round_timeout, frozen=frozen,
                               heterogeneous=cfg.heterogeneous_ranks, svd_rank=svd_rank,
                               order=ClientOrder(cfg.seed, cyclic=cfg.client_sampling == "cyclic"),
-                              average_last=cfg.tail_rounds, control=control)
+                              average_last=cfg.tail_rounds, control=control, label_mix=label_mix)
 
 
 def connected_nodes(grid: Grid, count: int, timeout: float) -> int:

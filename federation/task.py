@@ -245,6 +245,10 @@ class TaskFamily(ABC):
         raise ValueError(f"{self.name} models have no head to save")
 
     # -- data -------------------------------------------------------------------------------------
+    def label_counts(self, task: str, examples: list[dict[str, Any]]) -> list[int]:
+        """How many of ``examples`` hold each class label (``client-weighting=label-balanced``)."""
+        raise ValueError(f"{self.name} tasks have no class labels to count")
+
     @abstractmethod
     def load_rows(self, cfg: FederationConfig, task: str, split: str) -> "datasets.Dataset":
         """The rows of ``split`` that the task's clients partition among them (``*-limit`` applied).
