@@ -197,6 +197,10 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
     "client weighting: examples trained on": {
         "client-weighting": "trained", "average-last-rounds": 5, "precision": "fp32"},
     "client weighting: uniform": {"client-weighting": "uniform", "average-last-rounds": 5, "precision": "fp32"},
+    # the server weighs each round's replies so that their label mix is the federation's (from the
+    # label counts clients send, federation.label_balance), as close to uniform as that allows
+    "client weighting: label-balanced": {
+        "client-weighting": "label-balanced", "average-last-rounds": 5, "precision": "fp32"},
     # the rows below are against the uniform-weighting row above (the report's federated settings)
     # FedBABU (Oh et al., ICLR 2022): every client keeps the random head as sent (a rate of 1e-12 moves
     # it by nothing), so label-skewed clients cannot pull it apart and only the experts learn
@@ -209,6 +213,28 @@ DIAGNOSES: dict[str, dict[str, Any]] = {
         **ONE_CLIENT, "client-optimizer-state": "fresh"},
     "one client with all rows, 100 rounds x 6 steps, AdamW kept across rounds": {
         **ONE_CLIENT, "client-optimizer-state": "keep"},
+    # the same 600 client steps in more, shorter rounds (more averaging steps of the global experts) or
+    # in rounds of more, shorter client moves, at the report's settings; 40 rounds average their last
+    # 10, the same quarter of the training as 5 of 20
+    "40 rounds x 3 local steps, report settings": {
+        "num-rounds": 40, "local-steps": 3, "evaluate-every": 40, "average-last-rounds": 10,
+        "client-weighting": "uniform", "precision": "fp32"},
+    "10 clients a round x 3 local steps, report settings": {
+        "fraction-train": 0.5, "local-steps": 3, "average-last-rounds": 5, "client-weighting": "uniform",
+        "precision": "fp32"},
+    # 40 x 3 trailed 20 x 6: the other way, fewer and longer client moves (the last 3 of 10 rounds
+    # averaged, the share nearest a quarter that still averages more than two models)
+    "10 rounds x 12 local steps, report settings": {
+        "num-rounds": 10, "local-steps": 12, "average-last-rounds": 3, "client-weighting": "uniform",
+        "precision": "fp32"},
+    # the clients' rates (experts and head) divided by 2 or 4 and the server's step multiplied back:
+    # the same nominal global step, from shorter client moves that drift less under label skew
+    "client rates / 2, server learning rate 2, report settings": {
+        "learning-rate": 2e-3, "head-learning-rate": 5e-3, "server-learning-rate": 2.0, "average-last-rounds": 5,
+        "client-weighting": "uniform", "precision": "fp32"},
+    "client rates / 4, server learning rate 4, report settings": {
+        "learning-rate": 1e-3, "head-learning-rate": 2.5e-3, "server-learning-rate": 4.0, "average-last-rounds": 5,
+        "client-weighting": "uniform", "precision": "fp32"},
 }
 # Diagnoses that led their reference by more than one run's noise, run again on CONFIRM_SEED (with
 # their reference) before anything is concluded from them.
@@ -216,7 +242,10 @@ CONFIRM_DIAGNOSES = ("chosen setting in fp32", "10 clients a round x 3 local ste
                      "tail average of the last 5 rounds", "tail average of the last 10 rounds",
                      "SCAFFOLD drift control", "cyclic client sampling", "client AdamW state kept between rounds",
                      "server momentum 0.8, tail averaging", "client weighting: examples trained on",
-                     "client weighting: uniform", "head frozen at its random init (FedBABU)")
+                     "client weighting: uniform", "head frozen at its random init (FedBABU)",
+                     "client weighting: label-balanced", "10 rounds x 12 local steps, report settings",
+                     "client rates / 2, server learning rate 2, report settings",
+                     "client rates / 4, server learning rate 4, report settings")
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -703,6 +732,7 @@ def report(r: dict, done: dict) -> str:
            if r["diagnoses"] else "")
         + weighting_paragraph(r)
         + head_and_optimizer_paragraph(r)
+        + split_and_rates_paragraph(r)
         + report_paragraph(r)
         + finalists_paragraph(sel)
         + widening_paragraph(done)
@@ -775,7 +805,21 @@ def weighting_paragraph(r: dict) -> str:
             f"weighting's {pair(map(fmt, reference))}, and weighting by the examples trained on this round (at "
             f"most local steps x batch size, `trained`) {pair(map(fmt, trained))}. Uniform led on both seeds, "
             "by less than one run's noise, and at no cost; it became the default and the report's setting "
-            "(`federated_report_settings`). With IID partitions of equal size the three coincide.")
+            "(`federated_report_settings`). With IID partitions of equal size the three coincide."
+            + label_balanced_sentence(rows))
+
+
+def label_balanced_sentence(rows: dict[str, dict]) -> str:
+    """How the server's label-balancing weights compared with uniform ones, where both ran twice."""
+    balanced = rows.get("client weighting: label-balanced")
+    if not balanced or balanced["confirm_metric"] is None:
+        return ""
+    uniform = rows["client weighting: uniform"]
+    verdict = ("led uniform on both seeds" if balanced["metric"] > uniform["metric"]
+               and balanced["confirm_metric"] > uniform["confirm_metric"] else "did not lead uniform on both seeds")
+    return (" Weighing each round's replies so that their label mix is the federation's (from label counts "
+            f"the clients send, `label-balanced`) reached {fmt(balanced['metric'])} / "
+            f"{fmt(balanced['confirm_metric'])}: it {verdict}.")
 
 
 def head_and_optimizer_paragraph(r: dict) -> str:
@@ -802,6 +846,39 @@ def head_and_optimizer_paragraph(r: dict) -> str:
             f"seed {SELECT_SEED}. What is left points at the averaging itself: 5 label-skewed "
             "clients' 6-step moves become one step of the global experts, 120 sequential steps against the "
             "centralized run's 600.")
+
+
+SPLIT_AND_RATES = ("40 rounds x 3 local steps, report settings", "10 clients a round x 3 local steps, report settings",
+                   "10 rounds x 12 local steps, report settings",
+                   "client rates / 2, server learning rate 2, report settings",
+                   "client rates / 4, server learning rate 4, report settings")
+
+
+def split_and_rates_paragraph(r: dict) -> str:
+    """Whether the 600 client steps split otherwise, or shorter client moves scaled up by the server,
+    beat the report's federated settings (the uniform-weighting row)."""
+    rows = {d["name"]: d for d in r["diagnoses"]}
+    reference = rows.get("client weighting: uniform")
+    ran = [rows[n] for n in SPLIT_AND_RATES if n in rows]
+    if not reference or not ran:
+        return ""
+
+    def scores(d: dict) -> str:
+        return " / ".join(fmt(m) for m in (d["metric"], d["confirm_metric"]) if m is not None)
+
+    def leads(d: dict) -> bool:
+        pairs = [(d["metric"], reference["metric"]), (d["confirm_metric"], reference["confirm_metric"])]
+        return all(m > ref for m, ref in pairs if m is not None)
+
+    led = [d["name"] for d in ran if leads(d)]
+    verdict = ("Led the reference on every seed it ran: " + "; ".join(led) + "." if led
+               else "None led the reference on every seed it ran, so the report keeps 20 rounds x 6 steps at the "
+               "chosen rates.")
+    return ("\n\nAt the report's federated settings (reference "
+            f"{scores(reference)}), the same 600 client steps split otherwise, or the clients' rates (experts and "
+            "head) divided and the server's step multiplied back, the same nominal global step from shorter client "
+            "moves: " + "; ".join(f"{d['name'].removesuffix(', report settings')} {scores(d)}" for d in ran)
+            + f". {verdict}")
 
 
 def report_paragraph(r: dict) -> str:
