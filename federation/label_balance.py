@@ -55,9 +55,13 @@ def balanced_weights(mixes: np.ndarray, target: np.ndarray) -> np.ndarray:
     floor = mismatch(closest.x)
     if mismatch(uniform) <= floor + _TOLERANCE:
         return uniform
-    fits = {"type": "ineq", "fun": lambda w: floor + _TOLERANCE - mismatch(w)}
-    nearest = minimize(lambda w: float(np.sum((w - uniform) ** 2)), closest.x, method="SLSQP",
-                       bounds=bounds, constraints=[simplex, fits], options=options)
+    # Every weighting at the floor has the same mix (the target's projection onto the clients' mixes'
+    # hull is unique), so the second problem is linear-constrained: that mix, less one label, which
+    # the simplex constraint already fixes (a redundant equality would make SLSQP's system singular).
+    reached = closest.x @ mixes
+    fits = {"type": "eq", "fun": lambda w: w @ mixes[:, :-1] - reached[:-1], "jac": lambda w: mixes[:, :-1].T}
+    nearest = minimize(lambda w: float(np.sum((w - uniform) ** 2)), closest.x, jac=lambda w: 2 * (w - uniform),
+                       method="SLSQP", bounds=bounds, constraints=[simplex, fits], options=options)
     weights = np.clip(nearest.x if nearest.success else closest.x, 0.0, None)
     return weights / weights.sum()
 
