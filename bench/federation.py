@@ -809,14 +809,19 @@ def weighting_paragraph(r: dict) -> str:
             + label_balanced_sentence(rows))
 
 
+def leads(diagnosis: dict, reference: dict) -> bool:
+    """Whether a diagnosis beat its reference on every seed it ran (selection and confirmation)."""
+    pairs = [(diagnosis["metric"], reference["metric"]), (diagnosis["confirm_metric"], reference["confirm_metric"])]
+    return all(m > ref for m, ref in pairs if m is not None)
+
+
 def label_balanced_sentence(rows: dict[str, dict]) -> str:
     """How the server's label-balancing weights compared with uniform ones, where both ran twice."""
     balanced = rows.get("client weighting: label-balanced")
     if not balanced or balanced["confirm_metric"] is None:
         return ""
-    uniform = rows["client weighting: uniform"]
-    verdict = ("led uniform on both seeds" if balanced["metric"] > uniform["metric"]
-               and balanced["confirm_metric"] > uniform["confirm_metric"] else "did not lead uniform on both seeds")
+    verdict = ("led uniform on both seeds" if leads(balanced, rows["client weighting: uniform"])
+               else "did not lead uniform on both seeds")
     return (" Weighing each round's replies so that their label mix is the federation's (from label counts "
             f"the clients send, `label-balanced`) reached {fmt(balanced['metric'])} / "
             f"{fmt(balanced['confirm_metric'])}: it {verdict}.")
@@ -866,11 +871,7 @@ def split_and_rates_paragraph(r: dict) -> str:
     def scores(d: dict) -> str:
         return " / ".join(fmt(m) for m in (d["metric"], d["confirm_metric"]) if m is not None)
 
-    def leads(d: dict) -> bool:
-        pairs = [(d["metric"], reference["metric"]), (d["confirm_metric"], reference["confirm_metric"])]
-        return all(m > ref for m, ref in pairs if m is not None)
-
-    led = [d["name"] for d in ran if leads(d)]
+    led = [d["name"] for d in ran if leads(d, reference)]
     verdict = ("Led the reference on every seed it ran: " + "; ".join(led) + "." if led
                else "None led the reference on every seed it ran, so the report keeps 20 rounds x 6 steps at the "
                "chosen rates.")
