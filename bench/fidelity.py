@@ -317,28 +317,48 @@ def ablation_jobs(tasks: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
             for variant, (method, changes) in ABLATIONS.items() for t in tasks]
 
 
-def best_saved_runs(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], lrs: dict[str, float]) -> list[Path]:
-    """Per task, the folder of the best-scoring 1x AdaMix-LoRA run at the chosen rate, over all seeds."""
-    folders = []
+def best_saved_runs(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], lrs: dict[str, float]) -> list[dict[str, Any]]:
+    """Per task, the best-scoring 1x AdaMix-LoRA run at the chosen rate, over all seeds ([] until every
+    task has one)."""
+    best = []
     for task in tasks:
         runs = [r for r in done.values() if r["task"] == task and r["method"] == SAVED_METHOD
                 and r["max_steps"] == BASE_STEPS and not r["variant"] and r["lr"] == lrs.get(SAVED_METHOD)
-                and r.get("folder") and (ROOT / r["folder"]).is_dir()]
+                and r.get("folder")]
         if not runs:
             return []
-        folders.append(ROOT / max(runs, key=lambda r: r["score"])["folder"])
-    return folders
+        best.append(max(runs, key=lambda r: r["score"]))
+    return best
 
 
-def cross_task_merge(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], lrs: dict[str, float]) -> None:
+def rebuild_folders(runs: list[dict[str, Any]], protocol: dict[str, Any], data_dir: str, workers: int) -> None:
+    """Train again the runs whose folder is not on this machine (runs/ is not committed: a fresh
+    checkout has none): the same job and seed on the same single-threaded workers rebuilds the
+    adapter that was scored. The rebuilt score is printed beside the recorded one, not logged again."""
+    missing = [r for r in runs if not (ROOT / r["folder"]).is_dir()]
+    if not missing:
+        return
+    print(f"rebuilding {len(missing)} run folders for the cross-task merge", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        jobs = [spec(r["task"], r["method"], r["seed"], r["lr"], r["max_steps"]) for r in missing]
+        rebuilt = pool.map(run_one, jobs, [protocol] * len(jobs), [data_dir] * len(jobs))
+        for recorded, run in zip(missing, rebuilt):
+            print(f"{run['folder']}: {run['score']:.2f} (recorded {recorded['score']:.2f})", flush=True)
+
+
+def cross_task_merge(done: dict[str, dict[str, Any]], tasks: tuple[str, ...], lrs: dict[str, float],
+                     protocol: dict[str, Any], data_dir: str, workers: int) -> None:
     """``bench/registry.py`` over the best 1x AdaMix-LoRA adapter of every task at once."""
     from bench import registry
 
-    folders = best_saved_runs(done, tasks, lrs)
-    if not folders:
+    runs = best_saved_runs(done, tasks, lrs)
+    if not runs:
         print("cross-task merge: waiting for a saved AdaMix-LoRA run of every task", flush=True)
         return
-    registry.main(["--runs", *map(str, folders)])
+    rebuild_folders(runs, protocol, data_dir, workers)
+    folders = [os.path.relpath(ROOT / r["folder"]) for r in runs]
+    registry.main(["--runs", *folders, "--data-dir", data_dir])
 
 
 # -- summary -----------------------------------------------------------------------------------------
@@ -581,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             jobs += curve_jobs(tasks, seeds, lrs) if opts.stage in ("curve", "all") else []
             execute(jobs, protocol, opts.data_dir, opts.workers, done, log)
             if opts.stage in ("merge", "all") and not opts.quick:
-                cross_task_merge(done, tasks, lrs)
+                cross_task_merge(done, tasks, lrs, protocol, opts.data_dir, opts.workers)
     results = write_report(done, protocol, tasks, seeds, steps, opts.quick)
     print(json.dumps(results["targets"], indent=2))
     return results
