@@ -290,7 +290,9 @@ def data_dir() -> Path:
 
 def selection_data(p: dict[str, Any], folder: Path) -> Path:
     """A data root whose sst2 'validation' is ``selection_rows`` rows held out of the training split
-    and whose 'train' is the rest: hyperparameters chosen on it never see the dev rows."""
+    and whose 'train' is the rest: hyperparameters chosen on it never see the dev rows. SST-2's
+    training rows are mostly phrases of its sentences (9.4 words on average; the dev rows 19.5), and
+    the federated / centralized ratio ran 0.97 on them where it ran 0.948-0.968 on the dev set."""
     lines = (data_dir() / "glue" / "sst2" / "train.jsonl").read_text().splitlines()
     random.Random(p["selection_split_seed"]).shuffle(lines)
     task = folder / "glue" / "sst2"
