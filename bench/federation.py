@@ -303,8 +303,9 @@ def selection_data(p: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
-def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:
-    run_config = {
+def federated_run_config(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:
+    """The Flower run config of one federated run of the protocol."""
+    return {
         "tasks": p["task"],
         "backbone": p["backbone"],
         "data-dir": str(root),
@@ -337,7 +338,10 @@ def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict |
         "average-last-rounds": 1,  # the last round's model, as every run before REPORT_SETTINGS saved it
         "client-weighting": "partition",  # every run before FEDERATED_REPORT_SETTINGS weighed replies so
     } | (extra or {})
-    metrics, wall = simulate(run_config, timeout=3600)
+
+
+def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:
+    metrics, wall = simulate(federated_run_config(p, hp, seed, root, out, extra), timeout=3600)
     log = metrics["federation"]
     return {
         "metric": metrics["accuracy"],

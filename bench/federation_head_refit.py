@@ -122,28 +122,15 @@ def chosen_hp() -> dict[str, Any]:
     return results["selection"]["federated_chosen"]
 
 
-def train(stage: str, seed: int, work: Path) -> tuple[Path, dict[str, Any]]:
-    """The report's federated setting on ``stage``'s data; a finished run in ``work`` is reused."""
-    folder = work / f"{stage}-{seed}"
-    saved = folder / "run_config.json"
-    if not (folder / "federated" / "federation_result.json").exists():
-        p = fed.PROTOCOL
-        root = fed.data_dir() if stage == "report" else fed.selection_data(p, work / "selection-data")
-        captured: dict[str, Any] = {}
-        simulate = fed.simulate
-
-        def capture(run_config: dict[str, Any], **kwargs: Any):
-            captured.update(run_config)
-            return simulate(run_config, **kwargs)
-
-        fed.simulate = capture
-        try:
-            fed.federated(p, chosen_hp(), seed, root, folder / "federated",
-                          fed.REPORT_SETTINGS | fed.FEDERATED_REPORT_SETTINGS)
-        finally:
-            fed.simulate = simulate
-        saved.write_text(json.dumps(captured))
-    return folder / "federated", json.loads(saved.read_text())
+def train(stage: str, seed: int, hp: dict[str, Any], work: Path) -> tuple[Path, dict[str, Any]]:
+    """The report's federated setting on ``stage``'s data: its run folder and run config; a finished
+    run in ``work`` is reused."""
+    p, folder = fed.PROTOCOL, work / f"{stage}-{seed}" / "federated"
+    root = fed.data_dir() if stage == "report" else fed.selection_data(p, work / "selection-data")
+    args = (p, hp, seed, root, folder, fed.REPORT_SETTINGS | fed.FEDERATED_REPORT_SETTINGS)
+    if not (folder / "federation_result.json").exists():
+        fed.federated(*args)
+    return folder, fed.federated_run_config(*args)
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -173,13 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = opts.work or Path(tmp)
-        rows = []
+        hp, rows = chosen_hp(), []
         for stage, seed in RUNS:
-            folder, run_config = train(stage, seed, work)
+            folder, run_config = train(stage, seed, hp, work)
             rows.append({"data": "selection" if stage == "select" else "dev", "seed": seed,
                          "scores": refits(features(folder, run_config))})
             print(json.dumps(rows[-1]), flush=True)
-    results = {"command": COMMAND, "hp": chosen_hp(), "settings": fed.REPORT_SETTINGS | fed.FEDERATED_REPORT_SETTINGS,
+    results = {"command": COMMAND, "hp": hp, "settings": fed.REPORT_SETTINGS | fed.FEDERATED_REPORT_SETTINGS,
                "runs": rows}
     write_json("federation_head_refit", results)
     write_section("federation_head_refit", report(rows))
