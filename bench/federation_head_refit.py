@@ -9,8 +9,9 @@ can send: class counts, class feature sums and the feature scatter (sum of x x^T
 linear discriminant (LDA: shared covariance, the federation's class priors) or a ridge regression on
 one-hot targets exactly, whatever the partition, so a federation could run them as one extra round.
 
-This script trains the report's federated setting (bench/federation.py's chosen hyperparameters and
-report settings) on the selection data for seeds SELECT_SEED and CONFIRM_SEED, and on the dev set
+This script trains the report's federated setting (bench/federation.py's report settings at the
+hyperparameters chosen on the selection set its diagnoses ran on, DIAGNOSIS_SELECTION) on that
+selection set for seeds SELECT_SEED and CONFIRM_SEED, and on the dev set
 for REPORT_SEEDS[0] (the seed whose ratio missed the target), then scores, on the rows each run
 reports on: the federated head as trained, LDA and ridge refits from the pooled statistics of the
 training rows, and a logistic regression on those features (what a centralized refit could reach;
@@ -118,15 +119,19 @@ def refits(f: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def chosen_hp() -> dict[str, Any]:
-    results = json.loads((fed.RESULTS / "federation.json").read_text())
-    return results["selection"]["federated_chosen"]
+    """The federated choice of the selection set the diagnoses ran on (fed.DIAGNOSIS_SELECTION)."""
+    done = fed.load_runs(fed.protocol_id(fed.PROTOCOL), fed.LOG)
+    hp = fed.chosen(done, "federated", fed.FED_GRID, fed.DIAGNOSIS_SELECTION)
+    if hp is None:
+        raise SystemExit(f"bench/federation.py's select stage has not finished on the {fed.DIAGNOSIS_SELECTION} set")
+    return hp
 
 
 def train(stage: str, seed: int, hp: dict[str, Any], work: Path) -> tuple[Path, dict[str, Any]]:
     """The report's federated setting on ``stage``'s data: its run folder and run config; a finished
     run in ``work`` is reused."""
     p, folder = fed.PROTOCOL, work / f"{stage}-{seed}" / "federated"
-    root = fed.data_dir() if stage == "report" else fed.selection_data(p, work / "selection-data")
+    root = fed.data_dir() if stage == "report" else fed.selection_data(p, work / "selection-data", fed.DIAGNOSIS_SELECTION)
     args = (p, hp, seed, root, folder, fed.REPORT_SETTINGS | fed.FEDERATED_REPORT_SETTINGS)
     if not (folder / "federation_result.json").exists():
         fed.federated(*args)

@@ -12,7 +12,7 @@ from bench import federation
 def test_workers_started_together_run_disjoint_shares_of_the_unfinished_jobs(monkeypatch, tmp_path):
     ran: list[int] = []
     monkeypatch.setattr(federation, "data_dir", lambda: tmp_path)
-    monkeypatch.setattr(federation, "selection_data", lambda p, folder: tmp_path)
+    monkeypatch.setattr(federation, "selection_data", lambda p, folder, kind: tmp_path)
     monkeypatch.setattr(federation, "federated",
                         lambda p, hp, seed, root, out, extra=None: ran.append(seed) or {"metric": 0.5})
     jobs = [federation.job("select", "federated", seed, {"learning_rate": 1e-3}) for seed in range(5)]
@@ -42,3 +42,40 @@ def test_every_diagnosis_overrides_known_run_config_keys_with_valid_values(name)
     cfg = FederationConfig.from_run_config({"tasks": "sst2", "num-clients": 20} | overrides)
     for key, value in overrides.items():
         assert cfg.to_run_config()[key] == value, (name, key)
+
+
+def test_sentence_selection_holds_out_whole_sentences_and_trains_on_none_of_their_phrases(tmp_path, monkeypatch):
+    import json
+
+    sentences = ["a gorgeous , witty film", "the plot is thin", "never dull and often funny"]
+    phrases = ["a gorgeous", "witty film", "the plot", "is thin", "often funny", "never dull", "funny"]
+    other = ["an unrelated sentence here", "thin"]  # 'thin' is a phrase of a held-out sentence too
+    rows = [{"sentence": text, "label": i % 2} for i, text in enumerate(sentences + phrases + other)]
+    (tmp_path / "glue" / "sst2").mkdir(parents=True)
+    (tmp_path / "glue" / "sst2" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(federation, "data_dir", lambda: tmp_path)
+    p = federation.PROTOCOL | {"selection_rows": 3}
+
+    root = federation.selection_data(p, tmp_path / "out", "sentences")
+    read = lambda split: [json.loads(line)["sentence"] for line in (root / "glue" / "sst2" / f"{split}.jsonl").read_text().splitlines()]  # noqa: E731
+    held, train = read("validation"), read("train")
+    assert len(held) == 3 and set(held) <= set(sentences) | {"an unrelated sentence here"}
+    assert set(held) | set(train) <= set(sentences + phrases + other)
+    for text in train:
+        assert not any(f" {text} " in f" {h} " for h in held), text
+    assert set(train) == {t for t in sentences + phrases + other
+                          if t not in held and not any(f" {t} " in f" {h} " for h in held)}
+
+    random_rows = federation.selection_data(p, tmp_path / "phrases", "phrases")
+    assert len((random_rows / "glue" / "sst2" / "validation.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ValueError, match="whole-sentence rows"):
+        federation.selection_data(p | {"selection_rows": 5}, tmp_path / "many", "sentences")
+    with pytest.raises(ValueError, match="unknown selection set"):
+        federation.selection_data(p, tmp_path / "bad", "words")
+
+
+def test_selection_runs_are_keyed_by_their_set_and_the_first_sets_runs_keep_their_keys():
+    hp = {"learning_rate": 1e-3}
+    first = federation.select_job("federated", 0, hp, selection="phrases")
+    assert first == federation.job("select", "federated", 0, hp)
+    assert federation.run_key(federation.select_job("federated", 0, hp)) != federation.run_key(first)
