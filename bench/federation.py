@@ -13,8 +13,9 @@ by its stage, side, seed, hyperparameters and the protocol hash; finished runs a
 1. ``select``: the federated hyperparameters (FED_GRID: server momentum, client learning rate) and
    the centralized learning rate (CENTRAL_GRID) are chosen on a selection set that is disjoint from
    the dev rows reported: SELECTION_ROWS whole sentences held out of SST-2's *training* split (the
-   runs train on the rest, less those sentences' phrases; SELECTION, ``selection_data``). Every grid point runs on seed SELECT_SEED (in PRECISION, the last round's model
-   saved); the FINALISTS best of them run again at the report's settings (FINALIST_SETTINGS) on
+   runs train on the rest, less those sentences' phrases; SELECTION, ``selection_data``). Every grid
+   point runs on seed SELECT_SEED (in PRECISION, the last round's model saved); the FINALISTS best
+   of them run again at the report's settings (FINALIST_SETTINGS) on
    SELECT_SEED and CONFIRM_SEED, and the best mean of those two wins, per side (one seed's best of
    24 noisy runs is partly luck: the winner's curse). The finalists' first confirmation, on
    CONFIRM_SEED at the grid's settings, stays in the report as history.
@@ -530,7 +531,8 @@ def selection_metric(done: dict, side: str, seed: int, hp: dict, selection: str 
 
 def finalists(done: dict, side: str, grid: list[dict], selection: str = SELECTION) -> list[dict] | None:
     """The FINALISTS grid points with the best SELECT_SEED accuracy (None before the grid ran)."""
-    scored = [(m, hp) for hp in grid if (m := selection_metric(done, side, SELECT_SEED, hp, selection)) is not None]
+    scored = [(m, hp) for hp in grid
+              if (m := selection_metric(done, side, SELECT_SEED, hp, selection)) is not None]
     if len(scored) < len(grid):
         return None
     return [hp for _, hp in sorted(scored, key=lambda s: -s[0])[:FINALISTS]]
@@ -652,7 +654,8 @@ def diagnoses(done: dict, fed_grid: list[dict], central_grid: list[dict]) -> lis
         run = done.get(run_key(job("diagnose", name, seed, fed_hp)))
         return run["result"].get(key) if run else None
 
-    rows = [{"name": f"{side} (chosen)", "overrides": {}, "metric": selection_metric(done, side, SELECT_SEED, hp, at),
+    rows = [{"name": f"{side} (chosen)", "overrides": {},
+             "metric": selection_metric(done, side, SELECT_SEED, hp, at),
              "confirm_metric": selection_metric(done, side, CONFIRM_SEED, hp, at)}
             for side, hp in (("centralized", central_hp), ("federated", fed_hp))]
     rows += [{"name": name, "overrides": overrides, "metric": metric,
@@ -724,9 +727,10 @@ def report(r: dict, done: dict) -> str:
         f"centralized training with the same {r['total_steps']} steps of batch {p['batch_size']}. Both sides "
         f"follow one {p['lr_schedule']} schedule (warmup over the first {p['warmup_ratio']:.0%} of the steps, "
         "then linear decay to 0; each federated client runs its round's slice of it with a fresh AdamW). "
-        f"Hyperparameters were chosen on {sel['rows']} whole sentences held out of the *training* split, none of "
-        "whose phrases are trained on (`selection_data`), disjoint from the dev rows below: every grid point on seed {sel['seeds'][0]} (in bf16 autocast, the last round's "
-        f"model saved), its {sel['finalists']} best again on seeds {sel['seeds'][0]} and {sel['seeds'][1]} at "
+        f"Hyperparameters were chosen on {sel['rows']} whole sentences held out of the *training* split, "
+        "none of whose phrases are trained on (`selection_data`), disjoint from the dev rows below: every "
+        f"grid point on seed {sel['seeds'][0]} (in bf16 autocast, the last round's model saved), its "
+        f"{sel['finalists']} best again on seeds {sel['seeds'][0]} and {sel['seeds'][1]} at "
         "the report's settings, the best mean of those two chosen. The report's runs use the run-config "
         f"settings {json.dumps(r.get('report_settings', {}))} on both sides: the saved federated model is "
         "the mean of the last 5 rounds' global models (tail averaging, the library default of a quarter of "
@@ -789,8 +793,9 @@ def report(r: dict, done: dict) -> str:
         + finalists_paragraph(sel)
         + phrase_selection_paragraph(r, done)
         + widening_paragraph(done)
-        + "\n\nOn the first selection set, chosen on seed 0 alone, the federated side took momentum 0.6, lr 2e-3, head 1e-2, no logit "
-        "adjustment (0.8589), which fell to 0.7844 on seed 1; on the dev set it reached ratios 0.9466, 0.9438 "
+        + "\n\nOn the first selection set, chosen on seed 0 alone, the federated side took momentum 0.6, lr "
+        "2e-3, head 1e-2, no logit adjustment (0.8589), which fell to 0.7844 on seed 1; on the dev set it "
+        "reached ratios 0.9466, 0.9438 "
         "and 0.9793 on seeds 0, 1 and 2 (its runs are in the runs file). Per-seed dev ratios swing by about "
         "0.03: 872 dev rows alone give an accuracy a standard error of 0.014."
         "\n\nAn earlier protocol of the same shape, the clients at a constant rate and the federated head at the "

@@ -123,7 +123,8 @@ def chosen_hp() -> dict[str, Any]:
     done = fed.load_runs(fed.protocol_id(fed.PROTOCOL), fed.LOG)
     hp = fed.chosen(done, "federated", fed.FED_GRID, fed.DIAGNOSIS_SELECTION)
     if hp is None:
-        raise SystemExit(f"bench/federation.py's select stage has not finished on the {fed.DIAGNOSIS_SELECTION} set")
+        raise SystemExit("bench/federation.py's select stage has not finished on the "
+                         f"{fed.DIAGNOSIS_SELECTION} set")
     return hp
 
 
@@ -131,7 +132,8 @@ def train(stage: str, seed: int, hp: dict[str, Any], work: Path) -> tuple[Path, 
     """The report's federated setting on ``stage``'s data: its run folder and run config; a finished
     run in ``work`` is reused."""
     p, folder = fed.PROTOCOL, work / f"{stage}-{seed}" / "federated"
-    root = fed.data_dir() if stage == "report" else fed.selection_data(p, work / "selection-data", fed.DIAGNOSIS_SELECTION)
+    root = (fed.data_dir() if stage == "report"
+            else fed.selection_data(p, work / "selection-data", fed.DIAGNOSIS_SELECTION))
     args = (p, hp, seed, root, folder, fed.REPORT_SETTINGS | fed.FEDERATED_REPORT_SETTINGS)
     if not (folder / "federation_result.json").exists():
         fed.federated(*args)
