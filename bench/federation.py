@@ -267,10 +267,16 @@ def job(stage: str, side: str, seed: int, hp: dict[str, Any], settings: dict[str
     return {"stage": stage, "side": side, "seed": seed, "hp": hp} | ({"settings": settings} if settings else {})
 
 
+def selection_job(stage: str, side: str, seed: int, hp: dict[str, Any], selection: str,
+                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run of ``stage`` (select, diagnose) on the ``selection`` set; runs on the phrase set, the
+    first, name none, so that their keys are those they were recorded under."""
+    return job(stage, side, seed, hp, settings) | ({} if selection == "phrases" else {"selection": selection})
+
+
 def select_job(side: str, seed: int, hp: dict[str, Any], settings: dict[str, Any] | None = None,
                selection: str = SELECTION) -> dict[str, Any]:
-    """A selection run on the ``selection`` set (runs on the phrase set, the first, name none)."""
-    return job("select", side, seed, hp, settings) | ({} if selection == "phrases" else {"selection": selection})
+    return selection_job("select", side, seed, hp, selection, settings)
 
 
 def report_job(side: str, seed: int, hp: dict[str, Any]) -> dict[str, Any]:
@@ -500,7 +506,6 @@ def execute(jobs: list[dict], p: dict, done: dict, log: Path, quick: bool, tmp: 
     roots: dict[str, Path] = {"report": data_dir()}
     index, count = worker
     for spec in [j for j in jobs if run_key(j) not in done][index::count]:
-        # diagnose: on the phrase selection set, like select runs that name no set
         data = "report" if spec["stage"] == "report" else spec.get("selection", "phrases")
         if data not in roots:
             roots[data] = selection_data(p, tmp / f"selection-data-{data}", data)
@@ -651,7 +656,7 @@ def diagnoses(done: dict, fed_grid: list[dict], central_grid: list[dict]) -> lis
         return []
 
     def diagnosed(name: str, seed: int, key: str = "metric") -> float | None:
-        run = done.get(run_key(job("diagnose", name, seed, fed_hp)))
+        run = done.get(run_key(selection_job("diagnose", name, seed, fed_hp, at)))
         return run["result"].get(key) if run else None
 
     rows = [{"name": f"{side} (chosen)", "overrides": {},
@@ -1045,8 +1050,9 @@ def main(argv: list[str] | None = None) -> dict:
                 diagnosed_hp = chosen(done, "federated", fed_grid, DIAGNOSIS_SELECTION)
                 if diagnosed_hp is None:
                     raise SystemExit(f"the select stage has not finished on the {DIAGNOSIS_SELECTION} set")
-                jobs = [job("diagnose", name, SELECT_SEED, diagnosed_hp) for name in DIAGNOSES]
-                jobs += [job("diagnose", name, CONFIRM_SEED, diagnosed_hp) for name in CONFIRM_DIAGNOSES]
+                jobs = [selection_job("diagnose", name, seed, diagnosed_hp, DIAGNOSIS_SELECTION)
+                        for seed, names in ((SELECT_SEED, DIAGNOSES), (CONFIRM_SEED, CONFIRM_DIAGNOSES))
+                        for name in names]
                 execute(jobs, p, done, log, opts.quick, Path(tmp), worker)
         done = load_runs(protocol_id(p), log)  # with the runs other workers finished meanwhile
         results = summarize(done, p, seeds, fed_grid, central_grid, opts.quick)

@@ -57,7 +57,9 @@ def test_sentence_selection_holds_out_whole_sentences_and_trains_on_none_of_thei
     p = federation.PROTOCOL | {"selection_rows": 3}
 
     root = federation.selection_data(p, tmp_path / "out", "sentences")
-    read = lambda split: [json.loads(line)["sentence"] for line in (root / "glue" / "sst2" / f"{split}.jsonl").read_text().splitlines()]  # noqa: E731
+    def read(split: str) -> list[str]:
+        return [json.loads(line)["sentence"] for line in (root / "glue" / "sst2" / f"{split}.jsonl").read_text().splitlines()]
+
     held, train = read("validation"), read("train")
     assert len(held) == 3 and set(held) <= set(sentences) | {"an unrelated sentence here"}
     assert set(held) | set(train) <= set(sentences + phrases + other)
