@@ -314,10 +314,10 @@ def selection_data(p: dict[str, Any], folder: Path, kind: str = SELECTION) -> Pa
     and whose 'train' is the rest: hyperparameters chosen on it never see the dev rows.
 
     ``kind`` "phrases" (the first selection set): rows drawn at random. SST-2's training split holds
-    every phrase of its sentences' parse trees, so these are mostly phrases (9.5 words on average; the
-    dev rows, whole sentences, 19.5), and 22% of them appear verbatim inside a row of a run's 4000-row
-    training subset. "sentences": held-out rows that are whole sentences (no other training row contains
-    them; 19.4 words), and every training row that is a phrase of one of them left out of 'train'."""
+    every phrase of its sentences' parse trees, so these are mostly phrases, many of them inside a row of
+    a run's training subset (``selection_set_stats`` measures both). "sentences": held-out rows that are
+    whole sentences (no other training row contains them), and every training row that is a phrase of one
+    of them left out of 'train'."""
     lines = (data_dir() / "glue" / "sst2" / "train.jsonl").read_text().splitlines()
     random.Random(p["selection_split_seed"]).shuffle(lines)
     if kind == "phrases":
@@ -346,6 +346,32 @@ def held_out_sentences(lines: list[str], count: int) -> tuple[list[str], list[st
     rest = [line for i, line in enumerate(lines) if i not in held_set and texts[i] not in held_text]
     return [lines[i] for i in held], rest
 
+
+def selection_set_stats(p: dict[str, Any]) -> dict[str, Any]:
+    """How like the dev rows each selection set is: mean words per row, and the share of rows found word
+    for word inside a row of the training subset a run on seed SELECT_SEED / CONFIRM_SEED draws (for
+    the dev rows, out of the whole training split, as the report runs draw)."""
+    from adamix_zoo import data
+    from adamix_zoo.glue_tasks import get_task
+
+    task = get_task(p["task"])
+
+    def padded(rows) -> list[str]:
+        return [" " + " ".join(text.split()) + " " for text in rows["sentence"]]
+
+    def measure(held: list[str], train) -> dict[str, Any]:
+        subsets = ("\n".join(padded(data.subset(train, p["train_limit"], seed))) for seed in (SELECT_SEED, CONFIRM_SEED))
+        return {"rows": len(held), "mean_words": statistics.fmean(len(text.split()) for text in held),
+                "contained": [sum(text in every for text in held) / len(held) for every in subsets]}
+
+    stats = {"dev": measure(padded(data.load_split(task, "validation", data_dir())),
+                            data.load_split(task, "train", data_dir()))}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("phrases", "sentences"):
+            root = selection_data(p, Path(tmp) / kind, kind)
+            stats[kind] = measure(padded(data.load_split(task, "validation", root)),
+                                  data.load_split(task, "train", root))
+    return stats
 
 def federated_run_config(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:
     """The Flower run config of one federated run of the protocol."""
@@ -616,6 +642,7 @@ def summarize(done: dict, p: dict, seeds: tuple, fed_grid: list, central_grid: l
                              "centralized_chosen": chosen(done, "centralized", central_grid, "phrases"),
                              "federated_finalists": finalist_means(done, "federated", fed_grid, "phrases"),
                              "centralized_finalists": finalist_means(done, "centralized", central_grid, "phrases")},
+        "selection_sets": selection_set_stats(p),
         "diagnoses": diagnoses(done, fed_grid, central_grid),
         "federated_accuracy": mean([r["metric"] for r in fed_runs]),
         "centralized_accuracy": mean([s["centralized"]["metric"] for s in per_seed]),
@@ -854,10 +881,18 @@ def phrase_selection_paragraph(r: dict, done: dict) -> str:
         if fed and central:
             ratios.append(f"{fed['result']['metric'] / central['result']['metric']:.4f} (seed {seed})")
     reached = f"; at the report's settings its choice reached dev ratios {', '.join(ratios)}" if ratios else ""
+    sets, train_rows = r["selection_sets"], r["protocol"]["train_limit"]
+
+    def contained(kind: str) -> str:
+        return " / ".join(f"{share:.1%}" for share in sets[kind]["contained"])
+
     return ("\n\nThe first selection set held out training rows at random. SST-2's training split holds every "
-            "phrase of its sentences' parse trees, so those rows were mostly phrases (9.5 words on average, the "
-            "dev rows 19.5), and 22% of them appeared verbatim inside a row of a run's 4000-row training "
-            "subset: a selection set easier than the dev set and unlike it, on which the federated / "
+            "phrase of its sentences' parse trees, so those rows were mostly phrases "
+            f"({sets['phrases']['mean_words']:.1f} words on average, the dev rows {sets['dev']['mean_words']:.1f}), "
+            f"and {contained('phrases')} of them (seeds {SELECT_SEED} / {CONFIRM_SEED}) appeared verbatim inside a "
+            f"row of a run's {train_rows}-row training subset (the dev rows: {contained('dev')}; the whole-sentence "
+            f"set's: {contained('sentences')}, {sets['sentences']['mean_words']:.1f} words on average): "
+            "a selection set easier than the dev set and unlike it, on which the federated / "
             "centralized ratio ran about 0.97 against 0.948-0.968 on the dev set. It chose federated "
             f"{json.dumps(fed_hp)} and centralized {json.dumps(central_hp)}{reached}. The diagnoses above and "
             "bench/federation_head_refit.py ran on it, at its choice.")

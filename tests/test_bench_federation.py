@@ -44,17 +44,29 @@ def test_every_diagnosis_overrides_known_run_config_keys_with_valid_values(name)
         assert cfg.to_run_config()[key] == value, (name, key)
 
 
+SENTENCES = ["a gorgeous , witty film", "the plot is thin", "never dull and often funny"]
+PHRASES = ["a gorgeous", "witty film", "the plot", "is thin", "often funny", "never dull", "funny"]
+OTHER = ["an unrelated sentence here", "thin"]  # 'thin' is a phrase of a held-out sentence too
+
+
+def tiny_sst2(tmp_path, monkeypatch, dev: list[str]) -> dict:
+    """A training split of the rows above and a dev split of ``dev``; the protocol holds out 3 rows."""
+    import json
+
+    folder = tmp_path / "glue" / "sst2"
+    folder.mkdir(parents=True)
+    for split, texts in (("train", SENTENCES + PHRASES + OTHER), ("validation", dev)):
+        rows = [{"sentence": text, "label": i % 2, "idx": i} for i, text in enumerate(texts)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(federation, "data_dir", lambda: tmp_path)
+    return federation.PROTOCOL | {"selection_rows": 3, "train_limit": 0}
+
+
 def test_sentence_selection_holds_out_whole_sentences_and_trains_on_none_of_their_phrases(tmp_path, monkeypatch):
     import json
 
-    sentences = ["a gorgeous , witty film", "the plot is thin", "never dull and often funny"]
-    phrases = ["a gorgeous", "witty film", "the plot", "is thin", "often funny", "never dull", "funny"]
-    other = ["an unrelated sentence here", "thin"]  # 'thin' is a phrase of a held-out sentence too
-    rows = [{"sentence": text, "label": i % 2} for i, text in enumerate(sentences + phrases + other)]
-    (tmp_path / "glue" / "sst2").mkdir(parents=True)
-    (tmp_path / "glue" / "sst2" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(federation, "data_dir", lambda: tmp_path)
-    p = federation.PROTOCOL | {"selection_rows": 3}
+    sentences, phrases, other = SENTENCES, PHRASES, OTHER
+    p = tiny_sst2(tmp_path, monkeypatch, dev=["a new sentence"])
 
     root = federation.selection_data(p, tmp_path / "out", "sentences")
     def read(split: str) -> list[str]:
@@ -75,6 +87,21 @@ def test_sentence_selection_holds_out_whole_sentences_and_trains_on_none_of_thei
     with pytest.raises(ValueError, match="unknown selection set"):
         federation.selection_data(p, tmp_path / "bad", "words")
 
+
+def test_selection_set_stats_measure_row_length_and_rows_found_inside_training_rows(tmp_path, monkeypatch):
+    import json
+
+    p = tiny_sst2(tmp_path, monkeypatch, dev=["the plot is thin", "brand new words here"])
+    stats = federation.selection_set_stats(p)
+    assert stats["dev"] == {"rows": 2, "mean_words": 4.0, "contained": [0.5, 0.5]}
+    for kind in ("phrases", "sentences"):
+        root = federation.selection_data(p, tmp_path / kind, kind) / "glue" / "sst2"
+        held, train = ([json.loads(line)["sentence"] for line in (root / f"{split}.jsonl").read_text().splitlines()]
+                       for split in ("validation", "train"))
+        inside = sum(any(f" {h} " in f" {t} " for t in train) for h in held) / 3
+        assert stats[kind] == {"rows": 3, "mean_words": sum(len(h.split()) for h in held) / 3,
+                               "contained": [inside, inside]}, kind
+    assert stats["sentences"]["contained"] == [0.0, 0.0]
 
 def test_selection_runs_are_keyed_by_their_set_and_the_first_sets_runs_keep_their_keys():
     hp = {"learning_rate": 1e-3}
