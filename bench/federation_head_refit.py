@@ -121,7 +121,7 @@ def refits(f: dict[str, torch.Tensor]) -> dict[str, float]:
 def chosen_hp() -> dict[str, Any]:
     """The federated choice of the selection set the diagnoses ran on (fed.DIAGNOSIS_SELECTION)."""
     done = fed.load_runs(fed.protocol_id(fed.PROTOCOL), fed.LOG)
-    hp = fed.chosen(done, "federated", fed.FED_GRID, fed.DIAGNOSIS_SELECTION)
+    hp = fed.chosen(done, "federated", fed.grid("federated", fed.DIAGNOSIS_SELECTION), fed.DIAGNOSIS_SELECTION)
     if hp is None:
         raise SystemExit("bench/federation.py's select stage has not finished on the "
                          f"{fed.DIAGNOSIS_SELECTION} set")
