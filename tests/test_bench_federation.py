@@ -113,10 +113,10 @@ def test_selection_runs_are_keyed_by_their_set_and_the_first_sets_runs_keep_thei
 def test_each_selection_sets_grid_widens_past_its_own_edge_rates_only():
     rates = {s: {hp["learning_rate"] for hp in federation.grid("federated", s)} for s in ("phrases", "sentences")}
     assert rates["phrases"] == set(federation.LEARNING_RATES) | {8e-3}
-    assert rates["sentences"] == set(federation.LEARNING_RATES) | {8e-3, 5e-4}
-    widened = [hp for hp in federation.grid("federated", "sentences") if hp["learning_rate"] == 5e-4]
-    assert len(widened) == 4 and {hp["server_momentum"] for hp in widened} == {0.6}
-    assert federation.grid("federated", "phrases") == federation.grid("federated", "sentences")[:-4]
+    assert rates["sentences"] == set(federation.LEARNING_RATES) | {8e-3, 5e-4, 2.5e-4}
+    widened = [hp for hp in federation.grid("federated", "sentences") if hp["learning_rate"] < 1e-3]
+    assert len(widened) == 8 and {hp["server_momentum"] for hp in widened} == {0.6}
+    assert federation.grid("federated", "phrases") == federation.grid("federated", "sentences")[:-8]
     assert len(federation.grid("federated", quick=True)) == 2
     central = {s: federation.grid("centralized", s) for s in ("phrases", "sentences")}
     assert central["phrases"] == federation.CENTRAL_GRID
