@@ -258,6 +258,7 @@ CONFIRM_DIAGNOSES = ("chosen setting in fp32", "10 clients a round x 3 local ste
                      "client rates / 2, server learning rate 2, report settings",
                      "client rates / 4, server learning rate 4, report settings")
 
+
 def grid(side: str, selection: str = SELECTION, quick: bool = False) -> list[dict[str, Any]]:
     """The select stage's grid of one side on one selection set (a smaller one for --quick)."""
     if quick:
@@ -385,6 +386,7 @@ def selection_set_stats(p: dict[str, Any]) -> dict[str, Any]:
             stats[kind] = measure(padded(data.load_split(task, "validation", root)),
                                   data.load_split(task, "train", root))
     return stats
+
 
 def federated_run_config(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:
     """The Flower run config of one federated run of the protocol."""
