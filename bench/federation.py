@@ -659,7 +659,8 @@ def summarize(done: dict, p: dict, seeds: tuple, quick: bool) -> dict:
                              "centralized_chosen": chosen(done, "centralized", central_grid, "phrases"),
                              "federated_finalists": finalist_means(done, "federated", phrase_grid, "phrases"),
                              "centralized_finalists": finalist_means(done, "centralized", central_grid, "phrases")},
-        "selection_sets": selection_set_stats(p),
+        # rebuilds both selection sets (~30 s): only for the report prose, so only once it has seeds to report
+        "selection_sets": selection_set_stats(p) if per_seed else None,
         "diagnoses": diagnoses(done, quick),
         "federated_accuracy": mean([r["metric"] for r in fed_runs]),
         "centralized_accuracy": mean([s["centralized"]["metric"] for s in per_seed]),
@@ -875,15 +876,16 @@ def widening_paragraph(done: dict, selection: str) -> str:
 
     sentences = []
     for side in ("federated", "centralized"):
-        finalist_points = finalists(done, side, grid(side, selection), selection) or []
+        finalist_points = finalists(done, side, grid(side, selection), selection)  # None: grid unfinished
         rates = sorted({hp["learning_rate"] for hp in grid(side, selection)})
         for rate in WIDENED_RATES.get((side, selection), ()):
             if not (widened := scored(side, rate)):
                 continue
             index = rates.index(rate)
             edge = rates[index + 1] if rate < min(LEARNING_RATES) else rates[index - 1]  # the rate widened from
-            among = sum(hp in finalist_points for hp, _ in widened)
-            verdict = (f"{among} of them among the finalists" if among
+            among = sum(hp in (finalist_points or []) for hp, _ in widened)
+            verdict = ("the finalists not drawn yet (the grid has not finished)" if finalist_points is None
+                       else f"{among} of them among the finalists" if among
                        else "none among the finalists, so the rate stays inside the grid")
             scores = ", ".join(f"{m:.4f} ({', '.join(f'{k} {v:g}' for k, v in hp.items() if k != 'learning_rate')})"
                                for hp, m in widened)

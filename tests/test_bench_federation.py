@@ -122,3 +122,16 @@ def test_each_selection_sets_grid_widens_past_its_own_edge_rates_only():
     assert central["phrases"] == federation.CENTRAL_GRID
     assert central["sentences"][len(federation.CENTRAL_GRID):] == [
         {"learning_rate": 5e-4, "head_learning_rate": h} for h in (0.0, 1e-2)]
+
+
+def test_widening_paragraph_counts_finalists_only_once_the_grid_has_finished():
+    def runs(selection: str, points: list[dict], best: dict) -> dict:
+        return {federation.run_key(federation.select_job("federated", 0, hp, selection=selection)):
+                {"result": {"metric": 0.9 if hp == best else 0.5}} for hp in points}
+
+    phrase_grid = federation.grid("federated", "phrases")
+    best = next(hp for hp in phrase_grid if hp["learning_rate"] == 8e-3)
+    assert "1 of them among the finalists" in federation.widening_paragraph(runs("phrases", phrase_grid, best), "phrases")
+    unfinished = [hp for hp in federation.grid("federated", "sentences") if hp["learning_rate"] != 2.5e-4]
+    text = federation.widening_paragraph(runs("sentences", unfinished, best), "sentences")
+    assert "the finalists not drawn yet" in text and "among the finalists" not in text
