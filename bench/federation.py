@@ -616,7 +616,7 @@ def chosen(done: dict, side: str, grid: list[dict], selection: str = SELECTION) 
 def summarize(done: dict, p: dict, seeds: tuple, quick: bool) -> dict:
     fed_grid, central_grid = grid("federated", quick=quick), grid("centralized", quick=quick)
     fed_hp, central_hp = chosen(done, "federated", fed_grid), chosen(done, "centralized", central_grid)
-    phrase_grid = grid("federated", "phrases", quick)
+    phrase_grid, phrase_central_grid = grid("federated", "phrases", quick), grid("centralized", "phrases", quick)
     per_seed = []
     for seed in seeds:
         fed = done.get(run_key(report_job("federated", seed, fed_hp or {})))
@@ -656,9 +656,10 @@ def summarize(done: dict, p: dict, seeds: tuple, quick: bool) -> dict:
         "seeds": per_seed,
         # the first selection set's choice, on which the diagnoses ran
         "phrase_selection": {"federated_chosen": chosen(done, "federated", phrase_grid, "phrases"),
-                             "centralized_chosen": chosen(done, "centralized", central_grid, "phrases"),
+                             "centralized_chosen": chosen(done, "centralized", phrase_central_grid, "phrases"),
                              "federated_finalists": finalist_means(done, "federated", phrase_grid, "phrases"),
-                             "centralized_finalists": finalist_means(done, "centralized", central_grid, "phrases")},
+                             "centralized_finalists": finalist_means(done, "centralized", phrase_central_grid,
+                                                                     "phrases")},
         # rebuilds both selection sets (~30 s): only for the report prose, so only once it has seeds to report
         "selection_sets": selection_set_stats(p) if per_seed else None,
         "diagnoses": diagnoses(done, quick),
@@ -858,12 +859,15 @@ def report(r: dict, done: dict) -> str:
         "in per-round client evaluation (76 s of 211 s) and 0.33 s per message deep-copying the backbone. "
         "Client evaluation now runs at the last round only (`evaluate-every`), and each client process "
         "builds its model once (`federation.task.client_model`).\n\n"
-        f"Command: `{r['command']}` ({m['cpu']}, {m['threads']} threads, {m['date']}); every run is a line "
+        f"Command: `{r['command']}` ({m['cpu']}, {m['date']}); every run is a line "
         "of bench/results/federation_runs.jsonl.\n\n"
         "Earlier single-seed runs (4 clients, every client each round, momentum picked on the dev set):\n\n"
         + markdown_table(["rounds x local steps", "clients", "strategy", "seed", "ratio", "round overhead",
                           "command"], legacy)
     )
+
+
+WIDENING_LABELS = {"head_learning_rate": "head", "logit_adjustment": "logit adjustment"}
 
 
 def widening_paragraph(done: dict, selection: str) -> str:
@@ -887,7 +891,7 @@ def widening_paragraph(done: dict, selection: str) -> str:
             verdict = ("the finalists not drawn yet (the grid has not finished)" if finalist_points is None
                        else f"{among} of them among the finalists" if among
                        else "none among the finalists, so the rate stays inside the grid")
-            scores = ", ".join(f"{m:.4f} ({', '.join(f'{k} {v:g}' for k, v in hp.items() if k != 'learning_rate')})"
+            scores = ", ".join(f"{m:.4f} ({', '.join(f'{WIDENING_LABELS[k]} {v:g}' for k, v in hp.items() if k in WIDENING_LABELS)})"
                                for hp, m in widened)
             high_momentum = scored(side, edge, 0.9) if side == "federated" else []
             below = (f" (at momentum 0.9 the {edge:g} points had reached at most "
@@ -925,21 +929,33 @@ def phrase_selection_paragraph(r: dict, done: dict) -> str:
             f"and {contained('phrases')} of them (seeds {SELECT_SEED} / {CONFIRM_SEED}) appeared verbatim inside a "
             f"row of a run's {train_rows}-row training subset (the dev rows: {contained('dev')}; the whole-sentence "
             f"set's: {contained('sentences')}, {sets['sentences']['mean_words']:.1f} words on average): "
-            "a selection set easier than the dev set and unlike it, on which the federated / "
-            "centralized ratio ran about 0.97 against 0.948-0.968 on the dev set. It chose federated "
+            "a selection set easier than the dev set and unlike it, on which the chosen federated / "
+            f"centralized ratio was {selection_ratio(first):.4f}. It chose federated "
             f"{json.dumps(fed_hp)} and centralized {json.dumps(central_hp)}{reached}. The diagnoses above and "
             "bench/federation_head_refit.py ran on it, at its choice.")
 
 
 def finalists_paragraph(sel: dict) -> str:
-    """How the finalists ranked at the report's settings (the choice)."""
-    sides = []
+    """How the finalists ranked at the report's settings (the choice), and the selection set's ratio."""
+    sides, best = [], {}
     for side in ("federated", "centralized"):
-        ranked = sorted(sel.get(f"{side}_finalists") or [], key=lambda f: -f["mean"])
+        ranked = sorted(sel.get(f"{side}_finalists") or [], key=lambda f: -f["mean"])  # stable: grid order
         if ranked:
-            sides.append(f"{side} {ranked[0]['mean']:.4f} for {json.dumps(ranked[0]['hp'])} against "
+            best[side] = ranked[0]["mean"]
+            tie = " (a tie, broken by grid order)" if len(ranked) > 1 and ranked[1]["mean"] == ranked[0]["mean"] else ""
+            sides.append(f"{side} {ranked[0]['mean']:.4f} for {json.dumps(ranked[0]['hp'])}{tie} against "
                          + " and ".join(f"{f['mean']:.4f}" for f in ranked[1:]))
-    return ("\n\nThe finalists' two-seed means at the report's settings: " + "; ".join(sides) + ".") if sides else ""
+    if not sides:
+        return ""
+    ratio = (f"; on the selection set the choices' ratio is {selection_ratio(sel):.4f}"
+             if len(best) == 2 else "")
+    return "\n\nThe finalists' two-seed means at the report's settings: " + "; ".join(sides) + ratio + "."
+
+
+def selection_ratio(sel: dict) -> float:
+    """The chosen federated finalist's two-seed mean over the chosen centralized one's."""
+    fed, central = (max(f["mean"] for f in sel[f"{side}_finalists"]) for side in ("federated", "centralized"))
+    return fed / central
 
 
 def weighting_paragraph(r: dict) -> str:
@@ -986,7 +1002,7 @@ def head_and_optimizer_paragraph(r: dict) -> str:
     reference, frozen = rows.get("client weighting: uniform"), rows.get("head frozen at its random init (FedBABU)")
     fresh = rows.get("one client with all rows, 100 rounds x 6 steps, fresh AdamW each round")
     kept = rows.get("one client with all rows, 100 rounds x 6 steps, AdamW kept across rounds")
-    chosen = sorted(r["selection"].get("centralized_finalists") or [], key=lambda f: -f["mean"])
+    chosen = sorted((r.get("phrase_selection") or {}).get("centralized_finalists") or [], key=lambda f: -f["mean"])
     if not (reference and frozen and fresh and kept and chosen) or frozen["confirm_metric"] is None:
         return ""
     central = chosen[0]["metrics"][0]  # SELECT_SEED, at the report's settings

@@ -135,3 +135,38 @@ def test_widening_paragraph_counts_finalists_only_once_the_grid_has_finished():
     unfinished = [hp for hp in federation.grid("federated", "sentences") if hp["learning_rate"] != 2.5e-4]
     text = federation.widening_paragraph(runs("sentences", unfinished, best), "sentences")
     assert "the finalists not drawn yet" in text and "among the finalists" not in text
+
+
+def _finished_selection(side: str, selection: str, best: dict, second: dict | None = None) -> dict:
+    """Runs of ``selection``'s whole grid for ``side``: ``best`` scores 0.9 (``second`` 0.9 too, a tie),
+    the rest 0.5; the finalists' runs at the report's settings likewise, on both selection seeds."""
+    done = {}
+    for hp in federation.grid(side, selection):
+        metric = 0.9 if hp in (best, second) else 0.5
+        done[federation.run_key(federation.select_job(side, 0, hp, selection=selection))] = {"result": {"metric": metric}}
+        for seed in (federation.SELECT_SEED, federation.CONFIRM_SEED):
+            key = federation.run_key(federation.finalist_job(side, seed, hp, selection))
+            done[key] = {"result": {"metric": metric * (0.9 if side == "federated" else 1.0)}}
+    return done
+
+
+def test_the_first_sets_centralized_choice_is_drawn_from_its_own_grid():
+    best = federation.CENTRAL_GRID[3]
+    done = _finished_selection("centralized", "phrases", best)
+    summary = federation.summarize(done, federation.PROTOCOL, federation.REPORT_SEEDS, quick=False)
+    assert summary["phrase_selection"]["centralized_chosen"] == best
+    # the sentence set's grid holds a widened rate the first set never ran: no choice from it
+    assert federation.chosen(done, "centralized", federation.grid("centralized", "sentences"), "phrases") is None
+
+
+def test_finalists_paragraph_names_a_tie_and_the_selection_sets_ratio():
+    central, fed = federation.CENTRAL_GRID, federation.grid("federated")
+    done = _finished_selection("centralized", "sentences", central[1], central[0]) | _finished_selection(
+        "federated", "sentences", fed[2])
+    sel = {f"{side}_finalists": federation.finalist_means(done, side, federation.grid(side)) for side in
+           ("federated", "centralized")}
+    text = federation.finalists_paragraph(sel)
+    assert f"centralized 0.9000 for {federation.json.dumps(central[0])} (a tie, broken by grid order)" in text
+    assert federation.chosen(done, "centralized", federation.grid("centralized")) == central[0]
+    assert "federated 0.8100" in text and "(a tie" not in text.split(";")[0]
+    assert text.endswith("on the selection set the choices' ratio is 0.9000.")
