@@ -937,18 +937,16 @@ def phrase_selection_paragraph(r: dict, done: dict) -> str:
 
 def finalists_paragraph(sel: dict) -> str:
     """How the finalists ranked at the report's settings (the choice), and the selection set's ratio."""
-    sides, best = [], {}
+    sides = []
     for side in ("federated", "centralized"):
         ranked = sorted(sel.get(f"{side}_finalists") or [], key=lambda f: -f["mean"])  # stable: grid order
         if ranked:
-            best[side] = ranked[0]["mean"]
             tie = " (a tie, broken by grid order)" if len(ranked) > 1 and ranked[1]["mean"] == ranked[0]["mean"] else ""
             sides.append(f"{side} {ranked[0]['mean']:.4f} for {json.dumps(ranked[0]['hp'])}{tie} against "
                          + " and ".join(f"{f['mean']:.4f}" for f in ranked[1:]))
     if not sides:
         return ""
-    ratio = (f"; on the selection set the choices' ratio is {selection_ratio(sel):.4f}"
-             if len(best) == 2 else "")
+    ratio = f"; on the selection set the choices' ratio is {selection_ratio(sel):.4f}" if len(sides) == 2 else ""
     return "\n\nThe finalists' two-seed means at the report's settings: " + "; ".join(sides) + ratio + "."
 
 
