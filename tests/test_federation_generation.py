@@ -285,3 +285,14 @@ def test_federate_e2e_in_a_flower_simulation_then_serve(lm_env):
     store = Store(lm_env / "zoo")
     assert [e.ref for e in store.list()] == ["federated/e2e@1"]
     check_served(lm_env, store, "federated/e2e@1")
+
+
+def test_the_learning_rate_is_the_task_familys_unless_set():
+    assert FederationConfig(tasks="sst2").learning_rate == 5e-4
+    assert FederationConfig(tasks="e2e").learning_rate == 2e-3
+    assert FederationConfig(tasks="e2e", learning_rate=1e-3).learning_rate == 1e-3
+    table = FederationConfig().to_run_config() | FAMILY_DEFAULT_VALUES
+    assert FederationConfig.from_run_config(table | {"tasks": "webnlg"}).learning_rate == 2e-3
+    assert FederationConfig.from_run_config(table | {"learning-rate": 3e-3}).learning_rate == 3e-3
+    with pytest.raises(ValueError, match="learning-rate must be >= 0"):
+        FederationConfig(tasks="sst2", learning_rate=-1e-3)
