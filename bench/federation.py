@@ -880,8 +880,9 @@ def widening_paragraph(done: dict, selection: str) -> str:
 
     sentences = []
     for side in ("federated", "centralized"):
-        finalist_points = finalists(done, side, grid(side, selection), selection)  # None: grid unfinished
-        rates = sorted({hp["learning_rate"] for hp in grid(side, selection)})
+        side_grid = grid(side, selection)
+        finalist_points = finalists(done, side, side_grid, selection)  # None: grid unfinished
+        rates = sorted({hp["learning_rate"] for hp in side_grid})
         for rate in WIDENED_RATES.get((side, selection), ()):
             if not (widened := scored(side, rate)):
                 continue
