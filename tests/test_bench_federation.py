@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -114,9 +115,11 @@ def test_each_selection_sets_grid_widens_past_its_own_edge_rates_only():
     rates = {s: {hp["learning_rate"] for hp in federation.grid("federated", s)} for s in ("phrases", "sentences")}
     assert rates["phrases"] == set(federation.LEARNING_RATES) | {8e-3}
     assert rates["sentences"] == set(federation.LEARNING_RATES) | {8e-3, 5e-4, 2.5e-4}
-    widened = [hp for hp in federation.grid("federated", "sentences") if hp["learning_rate"] < 1e-3]
+    widened = [hp for hp in federation.grid("federated", "sentences")
+               if hp["learning_rate"] < 1e-3 and "server_learning_rate" not in hp]
     assert len(widened) == 8 and {hp["server_momentum"] for hp in widened} == {0.6}
-    assert federation.grid("federated", "phrases") == federation.grid("federated", "sentences")[:-8]
+    equal_step = len(federation.EQUAL_STEP_MOMENTA) * len(federation.EQUAL_STEP_GRID[("federated", "sentences")])
+    assert federation.grid("federated", "phrases") == federation.grid("federated", "sentences")[:-8 - equal_step]
     assert len(federation.grid("federated", quick=True)) == 2
     central = {s: federation.grid("centralized", s) for s in ("phrases", "sentences")}
     assert central["phrases"] == federation.CENTRAL_GRID
@@ -124,9 +127,27 @@ def test_each_selection_sets_grid_widens_past_its_own_edge_rates_only():
         {"learning_rate": 5e-4, "head_learning_rate": h} for h in (0.0, 1e-2)]
 
 
+def test_the_sentence_sets_equal_step_points_keep_the_06_points_server_step_and_screen_in_fp32():
+    points = [hp for hp in federation.grid("federated", "sentences") if "server_learning_rate" in hp]
+    assert {hp["server_momentum"] for hp in points} == set(federation.EQUAL_STEP_MOMENTA)
+    chosen_06 = {"server_momentum": 0.6, "learning_rate": 5e-4, "head_learning_rate": 1e-2, "logit_adjustment": 1.0}
+    for hp in points + [chosen_06]:
+        assert federation.server_step(hp) == pytest.approx(federation.EQUAL_STEP)
+    assert not any("server_learning_rate" in hp for hp in federation.grid("federated", "phrases"))
+    # the point's server rate reaches the run config; a grid point without one runs at the protocol's
+    config = federation.federated_run_config(federation.PROTOCOL, points[-1], 0, Path("."), Path("."))
+    assert (config["server-momentum"], config["server-learning-rate"]) == (0.9, 0.25)
+    assert federation.federated_run_config(federation.PROTOCOL, chosen_06, 0, Path("."), Path("."))[
+        "server-learning-rate"] == federation.PROTOCOL["server_learning_rate"]
+    # screened in fp32, keyed apart from a bf16 run of the same point; the other points keep their keys
+    screen = federation.screen_job("federated", 0, points[0])
+    assert screen["settings"] == {"precision": "fp32"} and federation.job_precision(screen) == "fp32"
+    assert federation.screen_job("federated", 0, chosen_06) == federation.select_job("federated", 0, chosen_06)
+
+
 def test_widening_paragraph_counts_finalists_only_once_the_grid_has_finished():
     def runs(selection: str, points: list[dict], best: dict) -> dict:
-        return {federation.run_key(federation.select_job("federated", 0, hp, selection=selection)):
+        return {federation.run_key(federation.screen_job("federated", 0, hp, selection)):
                 {"result": {"metric": 0.9 if hp == best else 0.5}} for hp in points}
 
     phrase_grid = federation.grid("federated", "phrases")
@@ -143,7 +164,7 @@ def _finished_selection(side: str, selection: str, best: dict, second: dict | No
     done = {}
     for hp in federation.grid(side, selection):
         metric = 0.9 if hp in (best, second) else 0.5
-        done[federation.run_key(federation.select_job(side, 0, hp, selection=selection))] = {"result": {"metric": metric}}
+        done[federation.run_key(federation.screen_job(side, 0, hp, selection))] = {"result": {"metric": metric}}
         for seed in (federation.SELECT_SEED, federation.CONFIRM_SEED):
             key = federation.run_key(federation.finalist_job(side, seed, hp, selection))
             done[key] = {"result": {"metric": metric * (0.9 if side == "federated" else 1.0)}}
