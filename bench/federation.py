@@ -809,7 +809,8 @@ def report(r: dict, done: dict) -> str:
         "then linear decay to 0; each federated client runs its round's slice of it with a fresh AdamW). "
         f"Hyperparameters were chosen on {sel['rows']} whole sentences held out of the *training* split, "
         "none of whose phrases are trained on (`selection_data`), disjoint from the dev rows below: every "
-        f"grid point on seed {sel['seeds'][0]} (in bf16 autocast, the last round's model saved), its "
+        f"grid point on seed {sel['seeds'][0]} (in bf16 autocast, the equal-step points below in fp32; the "
+        "last round's model saved), its "
         f"{sel['finalists']} best again on seeds {sel['seeds'][0]} and {sel['seeds'][1]} at "
         "the report's settings, the best mean of those two chosen. The report's runs use the run-config "
         f"settings {json.dumps(r.get('report_settings', {}))} on both sides: the saved federated model is "
@@ -872,6 +873,7 @@ def report(r: dict, done: dict) -> str:
         + report_paragraph(r)
         + finalists_paragraph(sel)
         + widening_paragraph(done, SELECTION)
+        + equal_step_paragraph(done)
         + phrase_selection_paragraph(r, done)
         + widening_paragraph(done, "phrases")
         + "\n\nOn the first selection set, chosen on seed 0 alone, the federated side took momentum 0.6, lr "
@@ -933,6 +935,27 @@ def widening_paragraph(done: dict, selection: str) -> str:
         return ""
     return (f"\n\nWhere a choice on the {selection} set sat on an edge rate of its grid, "
             + "; ".join(sentences) + ".")
+
+
+def equal_step_paragraph(done: dict) -> str:
+    """What the equal-step points (EQUAL_STEP_GRID) scored, and whether any became a finalist."""
+    side_grid = grid("federated")
+    points = [(hp, m) for hp in side_grid if "server_learning_rate" in hp
+              and (m := selection_metric(done, "federated", SELECT_SEED, hp)) is not None]
+    if not points:
+        return ""
+    finalist_points = finalists(done, "federated", side_grid)
+    among = sum(hp in (finalist_points or []) for hp, _ in points)
+    verdict = ("the finalists not drawn yet (the grid has not finished)" if finalist_points is None
+               else f"{among} of them among the finalists" if among else "none among the finalists")
+    scores = ", ".join(f"{m:.4f} (momentum {hp['server_momentum']:g}, lr {hp['learning_rate']:g})" for hp, m in points)
+    return (f"\n\nFedAvgM's step is the server learning rate / (1 - momentum) times the replies' mean update: "
+            f"{server_step(side_grid[0]):g} at the grid's momentum 0.6 and {server_step(FED_GRID[-1]):g} at its 0.9, "
+            "so the grid's momentum axis changed the step and the span of rounds averaged together at once. "
+            f"After the first choice's report runs missed the target, the {SELECTION} set's grid added momenta "
+            f"{' and '.join(f'{m:g}' for m in EQUAL_STEP_MOMENTA)} at the step of {EQUAL_STEP:g} (server learning "
+            f"rates {' and '.join(f'{EQUAL_STEP * (1 - m):g}' for m in EQUAL_STEP_MOMENTA)}), head 1e-2 and logit "
+            f"adjustment 1, screened in fp32 (a CPU without fast bf16): {scores} on seed {SELECT_SEED}, {verdict}.")
 
 
 def phrase_selection_paragraph(r: dict, done: dict) -> str:

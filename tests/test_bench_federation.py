@@ -191,3 +191,14 @@ def test_finalists_paragraph_names_a_tie_and_the_selection_sets_ratio():
     assert federation.chosen(done, "centralized", federation.grid("centralized")) == central[0]
     assert "federated 0.8100" in text and "(a tie" not in text.split(";")[0]
     assert text.endswith("on the selection set the choices' ratio is 0.9000.")
+
+
+def test_equal_step_paragraph_scores_the_points_and_counts_those_among_the_finalists():
+    points = [hp for hp in federation.grid("federated") if "server_learning_rate" in hp]
+    done = _finished_selection("federated", "sentences", points[-1])
+    text = federation.equal_step_paragraph(done)
+    assert "2.5 at the grid's momentum 0.6 and 10 at its 0.9" in text
+    assert "0.9000 (momentum 0.9, lr 0.002)" in text and text.endswith("1 of them among the finalists.")
+    del done[federation.run_key(federation.screen_job("federated", 0, points[0]))]
+    assert "the finalists not drawn yet" in federation.equal_step_paragraph(done)
+    assert federation.equal_step_paragraph({}) == ""
