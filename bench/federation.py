@@ -149,6 +149,7 @@ WIDENED_RATES = {("federated", "phrases"): (8e-3,), ("federated", "sentences"): 
 # a CPU without fast bf16). An edge rate of theirs, if chosen, widens as above.
 EQUAL_STEP, EQUAL_STEP_MOMENTA = 2.5, (0.8, 0.9)
 EQUAL_STEP_SCREEN: dict[str, Any] = {"precision": "fp32"}
+COLLAPSED = 0.6  # a selection accuracy below it: the run predicts (nearly) one class (the majority is 0.5344)
 EQUAL_STEP_GRID = {("federated", "sentences"): [
     {"learning_rate": lr, "head_learning_rate": 1e-2, "logit_adjustment": 1.0} for lr in (5e-4, 1e-3, 2e-3)]}
 # Settings added to the grid after runs were recorded, at the value those runs had.
@@ -939,6 +940,9 @@ def widening_paragraph(done: dict, selection: str) -> str:
 
 def equal_step_paragraph(done: dict) -> str:
     """What the equal-step points (EQUAL_STEP_GRID) scored, and whether any became a finalist."""
+    def label(hp: dict) -> str:
+        return f"momentum {hp['server_momentum']:g}, lr {hp['learning_rate']:g}"
+
     side_grid = grid("federated")
     points = [(hp, m) for hp in side_grid if "server_learning_rate" in hp
               and (m := selection_metric(done, "federated", SELECT_SEED, hp)) is not None]
@@ -948,14 +952,32 @@ def equal_step_paragraph(done: dict) -> str:
     among = sum(hp in (finalist_points or []) for hp, _ in points)
     verdict = ("the finalists not drawn yet (the grid has not finished)" if finalist_points is None
                else f"{among} of them among the finalists" if among else "none among the finalists")
-    scores = ", ".join(f"{m:.4f} (momentum {hp['server_momentum']:g}, lr {hp['learning_rate']:g})" for hp, m in points)
+    last = selection_metric(done, "federated", SELECT_SEED, finalist_points[-1]) if finalist_points else None
+    if last is not None and not among and (tied := [hp for hp, m in points if m == last]):
+        verdict += (f" ({' and '.join(map(label, tied))} tied the last finalist's {last:.4f}; the tie is broken "
+                    "by grid order, which puts the points added later last)")
+    scores = ", ".join(f"{m:.4f} ({label(hp)})" for hp, m in points)
+    old_09 = [m for hp in FED_GRID if hp["server_momentum"] == 0.9
+              and (m := selection_metric(done, "federated", SELECT_SEED, hp)) is not None]
+    new_09 = [m for hp, m in points if hp["server_momentum"] == 0.9]
+    collapses = (f" At server learning rate 1, {sum(m < COLLAPSED for m in old_09)} of the {len(old_09)} momentum-0.9 "
+                 f"points scored below {COLLAPSED:g} (one class or near it); at the step of {EQUAL_STEP:g}, "
+                 f"{sum(m < COLLAPSED for m in new_09)} of {len(new_09)}: the collapses came with the larger step."
+                 if old_09 and new_09 else "")
+    best = max(m for _, m in points)
+    error = (best * (1 - best) / PROTOCOL["selection_rows"]) ** 0.5
+    level = sum(best - m <= error for _, m in points)
+    finalist = "" if last is None else f"; the last finalist scored {last:.4f}"
+    plateau = (f" {level} of the {len(points)} lie within one binomial standard error ({error:.3f}) of their best, "
+               f"{best:.4f}{finalist}." if len(points) > 1 else "")
     return (f"\n\nFedAvgM's step is the server learning rate / (1 - momentum) times the replies' mean update: "
             f"{server_step(side_grid[0]):g} at the grid's momentum 0.6 and {server_step(FED_GRID[-1]):g} at its 0.9, "
             "so the grid's momentum axis changed the step and the span of rounds averaged together at once. "
             f"After the first choice's report runs missed the target, the {SELECTION} set's grid added momenta "
             f"{' and '.join(f'{m:g}' for m in EQUAL_STEP_MOMENTA)} at the step of {EQUAL_STEP:g} (server learning "
             f"rates {' and '.join(f'{EQUAL_STEP * (1 - m):g}' for m in EQUAL_STEP_MOMENTA)}), head 1e-2 and logit "
-            f"adjustment 1, screened in fp32 (a CPU without fast bf16): {scores} on seed {SELECT_SEED}, {verdict}.")
+            f"adjustment 1, screened in fp32 (a CPU without fast bf16): {scores} on seed {SELECT_SEED}, {verdict}."
+            + collapses + plateau)
 
 
 def phrase_selection_paragraph(r: dict, done: dict) -> str:

@@ -198,7 +198,17 @@ def test_equal_step_paragraph_scores_the_points_and_counts_those_among_the_final
     done = _finished_selection("federated", "sentences", points[-1])
     text = federation.equal_step_paragraph(done)
     assert "2.5 at the grid's momentum 0.6 and 10 at its 0.9" in text
-    assert "0.9000 (momentum 0.9, lr 0.002)" in text and text.endswith("1 of them among the finalists.")
+    assert "0.9000 (momentum 0.9, lr 0.002)" in text and "on seed 0, 1 of them among the finalists." in text
+    assert "12 of the 12 momentum-0.9 points scored below 0.6" in text and "at the step of 2.5, 2 of 3:" in text
+    assert text.endswith("1 of the 6 lie within one binomial standard error (0.010) of their best, 0.9000; "
+                         "the last finalist scored 0.5000.")
     del done[federation.run_key(federation.screen_job("federated", 0, points[0]))]
     assert "the finalists not drawn yet" in federation.equal_step_paragraph(done)
     assert federation.equal_step_paragraph({}) == ""
+    # a point level with the last finalist stays out, and the paragraph says so
+    grid = federation.grid("federated")
+    done = _finished_selection("federated", "sentences", grid[0])
+    for hp, metric in ((grid[1], 0.8), (grid[2], 0.7), (points[1], 0.7)):
+        done[federation.run_key(federation.screen_job("federated", 0, hp))] = {"result": {"metric": metric}}
+    text = federation.equal_step_paragraph(done)
+    assert "none among the finalists (momentum 0.8, lr 0.001 tied the last finalist's 0.7000" in text
