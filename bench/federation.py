@@ -289,6 +289,11 @@ def equal_step_point(momentum: float, hp: dict[str, Any]) -> dict[str, Any]:
     return {"server_momentum": momentum, "server_learning_rate": round(EQUAL_STEP * (1 - momentum), 6)} | hp
 
 
+def is_equal_step(hp: dict[str, Any]) -> bool:
+    """Whether ``hp`` is one of the equal-step points (the only grid points that set a server rate)."""
+    return "server_learning_rate" in hp
+
+
 def server_step(hp: dict[str, Any], p: dict[str, Any] = PROTOCOL) -> float:
     """FedAvgM's steady-state step, in units of the replies' mean update."""
     return hp.get("server_learning_rate", p["server_learning_rate"]) / (1 - hp["server_momentum"])
@@ -319,7 +324,7 @@ def select_job(side: str, seed: int, hp: dict[str, Any], settings: dict[str, Any
 
 def screen_job(side: str, seed: int, hp: dict[str, Any], selection: str = SELECTION) -> dict[str, Any]:
     """A grid point's run at the grid's settings (the equal-step points' at EQUAL_STEP_SCREEN)."""
-    return select_job(side, seed, hp, EQUAL_STEP_SCREEN if "server_learning_rate" in hp else None, selection)
+    return select_job(side, seed, hp, EQUAL_STEP_SCREEN if is_equal_step(hp) else None, selection)
 
 
 def report_job(side: str, seed: int, hp: dict[str, Any]) -> dict[str, Any]:
@@ -907,7 +912,7 @@ def widening_paragraph(done: dict, selection: str) -> str:
     def scored(side: str, rate: float, momentum: float = 0.6) -> list[tuple[dict, float]]:
         return [(hp, m) for hp in grid(side, selection)
                 if hp["learning_rate"] == rate and hp.get("server_momentum", momentum) == momentum
-                and "server_learning_rate" not in hp  # the equal-step points report apart
+                and not is_equal_step(hp)  # the equal-step points report apart
                 and (m := selection_metric(done, side, SELECT_SEED, hp, selection)) is not None]
 
     sentences = []
@@ -944,7 +949,7 @@ def equal_step_paragraph(done: dict) -> str:
         return f"momentum {hp['server_momentum']:g}, lr {hp['learning_rate']:g}"
 
     side_grid = grid("federated")
-    points = [(hp, m) for hp in side_grid if "server_learning_rate" in hp
+    points = [(hp, m) for hp in side_grid if is_equal_step(hp)
               and (m := selection_metric(done, "federated", SELECT_SEED, hp)) is not None]
     if not points:
         return ""
@@ -971,7 +976,7 @@ def equal_step_paragraph(done: dict) -> str:
     plateau = (f" {level} of the {len(points)} lie within one binomial standard error ({error:.3f}) of their best, "
                f"{best:.4f}{finalist}." if len(points) > 1 else "")
     return (f"\n\nFedAvgM's step is the server learning rate / (1 - momentum) times the replies' mean update: "
-            f"{server_step(side_grid[0]):g} at the grid's momentum 0.6 and {server_step(FED_GRID[-1]):g} at its 0.9, "
+            f"{server_step(FED_GRID[0]):g} at the grid's momentum 0.6 and {server_step(FED_GRID[-1]):g} at its 0.9, "
             "so the grid's momentum axis changed the step and the span of rounds averaged together at once. "
             f"After the first choice's report runs missed the target, the {SELECTION} set's grid added momenta "
             f"{' and '.join(f'{m:g}' for m in EQUAL_STEP_MOMENTA)} at the step of {EQUAL_STEP:g} (server learning "

@@ -116,7 +116,7 @@ def test_each_selection_sets_grid_widens_past_its_own_edge_rates_only():
     assert rates["phrases"] == set(federation.LEARNING_RATES) | {8e-3}
     assert rates["sentences"] == set(federation.LEARNING_RATES) | {8e-3, 5e-4, 2.5e-4}
     widened = [hp for hp in federation.grid("federated", "sentences")
-               if hp["learning_rate"] < 1e-3 and "server_learning_rate" not in hp]
+               if hp["learning_rate"] < 1e-3 and not federation.is_equal_step(hp)]
     assert len(widened) == 8 and {hp["server_momentum"] for hp in widened} == {0.6}
     equal_step = len(federation.EQUAL_STEP_MOMENTA) * len(federation.EQUAL_STEP_GRID[("federated", "sentences")])
     assert federation.grid("federated", "phrases") == federation.grid("federated", "sentences")[:-8 - equal_step]
@@ -128,12 +128,12 @@ def test_each_selection_sets_grid_widens_past_its_own_edge_rates_only():
 
 
 def test_the_sentence_sets_equal_step_points_keep_the_06_points_server_step_and_screen_in_fp32():
-    points = [hp for hp in federation.grid("federated", "sentences") if "server_learning_rate" in hp]
+    points = [hp for hp in federation.grid("federated", "sentences") if federation.is_equal_step(hp)]
     assert {hp["server_momentum"] for hp in points} == set(federation.EQUAL_STEP_MOMENTA)
     chosen_06 = {"server_momentum": 0.6, "learning_rate": 5e-4, "head_learning_rate": 1e-2, "logit_adjustment": 1.0}
     for hp in points + [chosen_06]:
         assert federation.server_step(hp) == pytest.approx(federation.EQUAL_STEP)
-    assert not any("server_learning_rate" in hp for hp in federation.grid("federated", "phrases"))
+    assert not any(federation.is_equal_step(hp) for hp in federation.grid("federated", "phrases"))
     # the point's server rate reaches the run config; a grid point without one runs at the protocol's
     config = federation.federated_run_config(federation.PROTOCOL, points[-1], 0, Path("."), Path("."))
     assert (config["server-momentum"], config["server-learning-rate"]) == (0.9, 0.25)
@@ -194,7 +194,7 @@ def test_finalists_paragraph_names_a_tie_and_the_selection_sets_ratio():
 
 
 def test_equal_step_paragraph_scores_the_points_and_counts_those_among_the_finalists():
-    points = [hp for hp in federation.grid("federated") if "server_learning_rate" in hp]
+    points = [hp for hp in federation.grid("federated") if federation.is_equal_step(hp)]
     done = _finished_selection("federated", "sentences", points[-1])
     text = federation.equal_step_paragraph(done)
     assert "2.5 at the grid's momentum 0.6 and 10 at its 0.9" in text
