@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-from federation import ranks
+from federation import head_init, ranks
 from federation.config import FederationConfig
 from federation.label_balance import LABEL_COUNTS
 from federation.mods import fault_mod, timing_mod
@@ -141,6 +141,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """This client's partition id: the server samples clients in partition order
-    (``federation.sampling``), so a seed trains the same partitions in every run."""
-    _, pid = settings(context)
-    return Message(RecordDict({REPLY_KEY: MetricRecord({PARTITION_KEY: pid})}), reply_to=msg)
+    (``federation.sampling``), so a seed trains the same partitions in every run. Or, asked for them
+    (``head-init=lda``), its training rows' feature statistics under the sent initial model."""
+    cfg, pid = settings(context)
+    if not head_init.asks_for_statistics(msg.content):
+        return Message(RecordDict({REPLY_KEY: MetricRecord({PARTITION_KEY: pid})}), reply_to=msg)
+    family = family_of(cfg)
+    task, examples = family.client_data(cfg, pid, "train")
+    model = _model(family, ranks.client_config(cfg, pid), pid, task, context, msg.content[ARRAYS_KEY])
+    return head_init.statistics_reply(family.feature_statistics(cfg, task, model, examples), pid, msg)

@@ -23,6 +23,7 @@ from adamix_zoo.config import AdaMixConfig
 from adamix_zoo.generation.nlg_tasks import NLG_TASKS
 from adamix_zoo.generation.objective import generation_adamix
 from adamix_zoo.glue_tasks import TASKS as GLUE_TASKS, get_task
+from adamix_zoo.head_init import HEAD_INITS
 from adamix_zoo.runtime import PRECISIONS
 
 # FedAvg-family aggregation, robust aggregation, and server-side optimizers (FedOpt: Reddi et al.).
@@ -285,6 +286,13 @@ class FederationConfig:
                   "'Client weighting')."},
     )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
+    head_init: str = field(
+        default="random",
+        metadata={"help": "The federated head before round 1: 'random' or 'lda' (a linear discriminant of the "
+                  "backbone's features, from class counts, feature sums and scatter that every client sends "
+                  "once, exactly the pooled rows' LDA; federation.head_init). One classification task, "
+                  "a federated head, no dp: the statistics are not privatised."},
+    )
     federate_head: str = field(
         default="auto",
         metadata={"help": "'auto' (single task: yes; multi-task: no), 'true', 'false'."},
@@ -373,6 +381,7 @@ class FederationConfig:
         _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
         _choice("client-optimizer-state", self.client_optimizer_state, CLIENT_OPTIMIZER_STATES)
         _choice("client-weighting", self.client_weighting, CLIENT_WEIGHTINGS)
+        _choice("head-init", self.head_init, HEAD_INITS)
         if self.drift_control == "scaffold" and (self.dp != "none" or self.client_ranks):
             raise ValueError("drift-control=scaffold works with dp='none' and one rank for all clients: "
                              f"got dp={self.dp!r}, client-ranks={self.client_ranks!r} (the control variates "
@@ -454,6 +463,13 @@ class FederationConfig:
         ):
             raise ValueError(f"client-weighting=label-balanced needs one classification task, got "
                              f"tasks={self.tasks!r}")
+        if self.head_init == "lda" and (
+            self.multi_task or self.family != "glue" or get_task(self.task_list[0]).problem != "classification"
+            or not self.head_federated or self.dp != "none"
+        ):
+            raise ValueError(f"head-init=lda needs one classification task with a federated head and dp='none' "
+                             f"(the feature statistics go unprivatised), got tasks={self.tasks!r}, "
+                             f"federate-head={self.federate_head!r}, dp={self.dp!r}")
 
     def _check_ranks(self) -> None:
         """client-ranks and aggregation=svd: LoRA only, and what the SVD step cannot combine with."""
@@ -568,6 +584,7 @@ class FederationConfig:
             "drift_control": self.drift_control,
             "client_optimizer_state": self.client_optimizer_state,
             "client_weighting": self.client_weighting,
+            "head_init": self.head_init,
             "client_ranks": parse_ranks(self.client_ranks) or None,
             "server_learning_rate": self.server_learning_rate,
             "server_momentum": self.server_momentum,

@@ -14,6 +14,7 @@ import torch
 from adamix_zoo import data
 from adamix_zoo.evaluation import evaluate_model
 from adamix_zoo.glue_tasks import get_task
+from adamix_zoo.head_init import FeatureStatistics, feature_statistics
 from adamix_zoo.heads import ClassificationHead, TaskModel, load_head, save_head
 from adamix_zoo.loop import LossFn, task_loss_fn
 from adamix_zoo.model import AdaMixModel
@@ -86,6 +87,13 @@ class GlueFamily(TaskFamily):
         if spec.problem != "classification":
             raise ValueError(f"{task} is a {spec.problem} task: it has no class labels to count")
         return label_counts(examples, spec.num_labels).tolist()
+
+    def feature_statistics(
+        self, cfg: FederationConfig, task: str, model: TaskModel, examples: list[dict[str, Any]]
+    ) -> FeatureStatistics:
+        size = max(cfg.batch_size, 32)
+        return feature_statistics(model, (self.collate(cfg, task, examples[s : s + size])
+                                          for s in range(0, len(examples), size)))
 
     def collate(self, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> Batch:
         pad = tokenizer_for(cfg.backbone).pad_token_id or 0

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from federation.client_app import HEAD_DIR
 from federation.config import FederationConfig
+from federation.head_init import HeadInitError, lda_initial_state
 from federation.output import CLIENT_HEADS_DIR, TASKS_DIR, publish, write_run
 from federation.records import HEAD_PREFIX, Spec, check_record, from_record, record_bytes, spec_of, to_record
 from federation.strategies import ValidatingStrategy, build_strategy, connected_nodes
@@ -93,6 +94,11 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> Outcome:
     spec = spec_of(initial)
     strategy = build_strategy(cfg, spec)
     wait_for_clients(grid, cfg.clients_before_start, cfg.round_timeout)
+    if cfg.head_init == "lda":
+        try:
+            initial = lda_initial_state(grid, initial, cfg.min_clients, cfg.round_timeout)
+        except HeadInitError as err:
+            raise FederationError(str(err)) from err
     result = strategy.start(
         grid=grid,
         initial_arrays=to_record(initial),

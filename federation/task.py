@@ -36,6 +36,8 @@ from federation.records import HEAD_PREFIX
 if TYPE_CHECKING:
     import datasets
 
+    from adamix_zoo.head_init import FeatureStatistics
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -243,6 +245,12 @@ class TaskFamily(ABC):
     def save_client_head(self, model: nn.Module, path: str) -> None:
         """Save a client's own (not federated) head where the server collects it."""
         raise ValueError(f"{self.name} models have no head to save")
+
+    def feature_statistics(
+        self, cfg: FederationConfig, task: str, model: nn.Module, examples: list[dict[str, Any]]
+    ) -> "FeatureStatistics":
+        """The head's input features of ``examples``, summed (``head-init=lda``)."""
+        raise ValueError(f"{self.name} models have no classification head to initialise")
 
     # -- data -------------------------------------------------------------------------------------
     def label_counts(self, task: str, examples: list[dict[str, Any]]) -> list[int]:

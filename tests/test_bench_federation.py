@@ -116,10 +116,11 @@ def test_each_selection_sets_grid_widens_past_its_own_edge_rates_only():
     assert rates["phrases"] == set(federation.LEARNING_RATES) | {8e-3}
     assert rates["sentences"] == set(federation.LEARNING_RATES) | {8e-3, 5e-4, 2.5e-4}
     widened = [hp for hp in federation.grid("federated", "sentences")
-               if hp["learning_rate"] < 1e-3 and not federation.is_equal_step(hp)]
+               if hp["learning_rate"] < 1e-3 and not federation.is_equal_step(hp) and not federation.is_lda_head(hp)]
     assert len(widened) == 8 and {hp["server_momentum"] for hp in widened} == {0.6}
-    equal_step = len(federation.EQUAL_STEP_MOMENTA) * len(federation.EQUAL_STEP_GRID[("federated", "sentences")])
-    assert federation.grid("federated", "phrases") == federation.grid("federated", "sentences")[:-8 - equal_step]
+    added = (len(federation.EQUAL_STEP_MOMENTA) * len(federation.EQUAL_STEP_GRID[("federated", "sentences")])
+             + len(federation.LDA_HEAD_GRID[("federated", "sentences")]))
+    assert federation.grid("federated", "phrases") == federation.grid("federated", "sentences")[:-8 - added]
     assert len(federation.grid("federated", quick=True)) == 2
     central = {s: federation.grid("centralized", s) for s in ("phrases", "sentences")}
     assert central["phrases"] == federation.CENTRAL_GRID
@@ -212,3 +213,47 @@ def test_equal_step_paragraph_scores_the_points_and_counts_those_among_the_final
         done[federation.run_key(federation.screen_job("federated", 0, hp))] = {"result": {"metric": metric}}
     text = federation.equal_step_paragraph(done)
     assert "none among the finalists (momentum 0.8, lr 0.001 tied the last finalist's 0.7000" in text
+
+
+def test_a_side_reports_with_the_lda_head_only_where_it_led_its_choice_on_both_selection_seeds():
+    grid = federation.grid("federated")
+    done = _finished_selection("federated", "sentences", grid[0])
+    hp = federation.chosen(done, "federated", grid)
+    assert not federation.head_init_adopted(done, "federated", hp)  # not run yet
+    reference = [federation.finalist_metric(done, "federated", seed, hp) for seed in (0, 1)]
+    for lead in ((0.01, 0.01), (0.01, -0.01), (0.01, 0.0)):
+        for seed, delta in zip((0, 1), lead):
+            key = federation.run_key(federation.head_init_job("federated", seed, hp))
+            done[key] = {"result": {"metric": reference[seed] + delta}}
+        assert federation.head_init_adopted(done, "federated", hp) == (lead == (0.01, 0.01))
+        assert federation.head_init_pairs(done, "federated", hp)[1] == (reference[1] + lead[1], reference[1])
+    assert not federation.head_init_adopted(done, "federated", None)
+    # the head-init runs sit at the finalists' settings, keyed apart from them
+    job = federation.head_init_job("federated", 0, hp)
+    assert job["settings"] == federation.FINALIST_SETTINGS | {"head-init": "lda"} and job["selection"] == "sentences"
+    assert federation.run_key(job) != federation.run_key(federation.finalist_job("federated", 0, hp))
+    adopted = federation.report_job("federated", 0, hp, head_init=True)["settings"]
+    assert adopted == federation.report_job("federated", 0, hp)["settings"] | {"head-init": "lda"}
+
+
+def test_the_centralized_side_trains_with_the_head_init_its_run_names(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(federation, "selection_data", lambda p, folder, kind: tmp_path)
+    monkeypatch.setattr(federation, "centralized", lambda p, hp, seed, root, out, precision, head_init="random":
+                        seen.append((precision, head_init)) or {"metric": 0.5})
+    hp = federation.CENTRAL_GRID[0]
+    jobs = [federation.head_init_job("centralized", 0, hp), federation.finalist_job("centralized", 0, hp)]
+    federation.execute(jobs, federation.PROTOCOL, {}, tmp_path / "runs.jsonl", True, tmp_path)
+    assert seen == [("fp32", "lda"), ("fp32", "random")]
+
+
+def test_the_lda_head_points_run_with_the_lda_head_at_the_experts_rate_and_screen_in_fp32():
+    points = [hp for hp in federation.grid("federated", "sentences") if federation.is_lda_head(hp)]
+    assert [federation.server_step(hp) for hp in points] == pytest.approx([2.5] * 3 + [10.0] * 3)
+    assert not any(federation.is_lda_head(hp) for hp in federation.grid("federated", "phrases"))
+    config = federation.federated_run_config(federation.PROTOCOL, points[0], 0, Path("."), Path("."))
+    assert (config["head-init"], config["head-learning-rate"], config["logit-adjustment"]) == ("lda", 0.0, 1.0)
+    assert "head-init" not in federation.federated_run_config(federation.PROTOCOL, federation.FED_GRID[0], 0,
+                                                              Path("."), Path("."))
+    screen = federation.screen_job("federated", 0, points[0])
+    assert screen["settings"] == {"precision": "fp32"} and federation.job_precision(screen) == "fp32"

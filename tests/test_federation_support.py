@@ -27,8 +27,8 @@ def make_backbone(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = specials + WORDS + [f"w{i}" for i in range(100 - len(specials) - len(WORDS))]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # the vocabulary as a mapping: transformers 5 ignores a vocab_file here (every word would be [UNK])
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
     tiny_model("bert", head="base").save_pretrained(folder)
     return folder
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from adamix_zoo.evaluation import analyze_experts, evaluate_model
 from adamix_zoo.formats.files import ANALYSIS_FILE, CURVE_FILE, SPREAD_FILE
 from adamix_zoo.formats.run_folder import RunFolder, run_config
 from adamix_zoo.glue_tasks import TaskSpec, get_task
+from adamix_zoo.head_init import check_head_init, feature_statistics, lda_head, set_head
 from adamix_zoo.heads import POOLINGS, TaskModel
 from adamix_zoo.loop import cycle_batches, load_trainable_state, train_steps, trainable_state
 from adamix_zoo.model import AdaMixModel
@@ -79,6 +81,8 @@ class TrainArgs:
                 "with no consistency loss for the lora / adapter baselines."})
     precision: str = _help("auto (bf16 autocast on CUDA and on CPUs with AMX / AVX-512 bf16), bf16 or fp32.", "auto")
     pooling: str = _help("Head pooling: mean (default; what MiniLM expects) or cls.", "mean")
+    head_init: str = _help("The head before training: random, or lda (a linear discriminant of the frozen "
+                           "backbone's features of the training rows; adamix_zoo.head_init).", "random")
     head_dropout: float = _help("Dropout before the head's linear layer.", 0.1)
     device: str = _help("auto (cuda when present), cpu, cuda or cuda:N.", "auto")
     analyze_experts: bool = _help("After training, evaluate single adapters vs the merged one.", False)
@@ -106,6 +110,7 @@ class TrainArgs:
         for name in ("lr", "head_lr", "expert_lr_scale"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_head_init(self.head_init, get_task(self.task).num_labels)
         adamix_config(self)
 
     @classmethod
@@ -196,9 +201,23 @@ def prepare(args: TrainArgs) -> RunSetup:
     seed_everything(args.seed)  # same head init and routing seed on every rank
     backbone = AutoModel.from_pretrained(path)
     digest = fingerprint(backbone)  # of the pre-trained weights, before injection
-    model = build_task_model(backbone, task, adamix_config(args), args.pooling, args.head_dropout)
+    model = build_task_model(backbone, task, adamix_config(args), args.pooling, args.head_dropout).to(device)
+    if args.head_init == "lda":
+        init_lda_head(model, loaders.train, device, world_size)
     seed_everything(args.seed + rank)  # dropout and shuffling may differ per rank
-    return RunSetup(args, task, model.to(device), loaders, tokenizer, device, path, digest, rank, world_size)
+    return RunSetup(args, task, model, loaders, tokenizer, device, path, digest, rank, world_size)
+
+
+def init_lda_head(model: TaskModel, train: Iterable[dict[str, torch.Tensor]], device: torch.device,
+                  world_size: int) -> None:
+    """The head set to the LDA of the training rows' features (every rank's shard, summed)."""
+    stats = feature_statistics(model, ({k: v.to(device) for k, v in b.items()} for b in train))
+    if world_size > 1:
+        for tensor in stats.tensors().values():
+            moved = tensor.to(device)
+            dist.all_reduce(moved)
+            tensor.copy_(moved.cpu())
+    set_head(model.head, *lda_head(stats))
 
 
 def _schedule(args: TrainArgs, steps_per_epoch: int) -> tuple[int, int, int]:
