@@ -108,6 +108,7 @@ def train_command(
     second_pass: str = _opt("second_pass"),
     precision: str = _opt("precision"),
     pooling: str = _opt("pooling"),
+    head_init: str = _opt("head_init"),
     head_dropout: float = _opt("head_dropout"),
     device: str = _opt("device"),
     analyze_experts: bool = _opt("analyze_experts"),

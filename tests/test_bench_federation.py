@@ -216,18 +216,18 @@ def test_equal_step_paragraph_scores_the_points_and_counts_those_among_the_final
 
 
 def test_a_side_reports_with_the_lda_head_only_where_it_led_its_choice_on_both_selection_seeds():
-    grid = federation.grid("federated")
-    done = _finished_selection("federated", "sentences", grid[0])
-    hp = federation.chosen(done, "federated", grid)
-    assert not federation.head_init_adopted(done, "federated", hp)  # not run yet
+    hp = federation.HEAD_INIT_CHOICES["federated"]
+    assert hp in federation.grid("federated")
+    assert federation.HEAD_INIT_CHOICES["centralized"] in federation.grid("centralized")
+    done = _finished_selection("federated", "sentences", hp)
+    assert not federation.head_init_adopted(done, "federated")  # not run yet
     reference = [federation.finalist_metric(done, "federated", seed, hp) for seed in (0, 1)]
     for lead in ((0.01, 0.01), (0.01, -0.01), (0.01, 0.0)):
         for seed, delta in zip((0, 1), lead):
             key = federation.run_key(federation.head_init_job("federated", seed, hp))
             done[key] = {"result": {"metric": reference[seed] + delta}}
-        assert federation.head_init_adopted(done, "federated", hp) == (lead == (0.01, 0.01))
-        assert federation.head_init_pairs(done, "federated", hp)[1] == (reference[1] + lead[1], reference[1])
-    assert not federation.head_init_adopted(done, "federated", None)
+        assert federation.head_init_adopted(done, "federated") == (lead == (0.01, 0.01))
+        assert federation.head_init_pairs(done, "federated")[1] == (reference[1] + lead[1], reference[1])
     # the head-init runs sit at the finalists' settings, keyed apart from them
     job = federation.head_init_job("federated", 0, hp)
     assert job["settings"] == federation.FINALIST_SETTINGS | {"head-init": "lda"} and job["selection"] == "sentences"
