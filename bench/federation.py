@@ -507,7 +507,8 @@ def federated_run_config(p: dict, hp: dict, seed: int, root: Path, out: Path, ex
         "precision": PRECISION,
         "average-last-rounds": 1,  # the last round's model, as every run before REPORT_SETTINGS saved it
         "client-weighting": "partition",  # every run before FEDERATED_REPORT_SETTINGS weighed replies so
-    } | ({"head-init": hp["head_init"]} if "head_init" in hp else {}) | (extra or {})
+        "head-init": hp.get("head_init", "random"),  # a drawn head, as every run before LDA_HEAD_GRID started from
+    } | (extra or {})
 
 
 def federated(p: dict, hp: dict, seed: int, root: Path, out: Path, extra: dict | None = None) -> dict:

@@ -83,8 +83,12 @@ FAMILIES = {
     "glue": FamilyDefaults("minilm-l6", federation_adamix, has_head=True, learning_rate=5e-4),
     "generation": FamilyDefaults("smollm2-135m", generation_federation_adamix, has_head=False, learning_rate=2e-3),
 }
-# Run-config values that mean "the task family's default" (what pyproject's table holds).
-FAMILY_DEFAULT_VALUES = {"backbone": "auto", "rank": 0, "lora-alpha": 0.0, "learning-rate": 0.0}
+# head-learning-rate -1: an LDA head (head-init) trains at the experts' rate (0 = learning-rate), as the
+# benchmark's choice did; a drawn head at the GLUE recipe's 1e-2, which beat the experts' rate there.
+AUTO_HEAD_RATE, DRAWN_HEAD_RATE = -1.0, 1e-2
+# Run-config values that mean "the default for the run's tasks" (what pyproject's table holds).
+FAMILY_DEFAULT_VALUES = {"backbone": "auto", "rank": 0, "lora-alpha": 0.0, "learning-rate": 0.0,
+                         "head-init": "auto", "head-learning-rate": AUTO_HEAD_RATE}
 
 
 def task_family(task: str) -> str:
@@ -201,8 +205,9 @@ class FederationConfig:
         metadata={"help": "Local AdamW peak learning rate; 0 = the task family's (GLUE 5e-4, data-to-text 2e-3)."},
     )
     head_learning_rate: float = field(
-        default=1e-2,
-        metadata={"help": "Peak learning rate of a freshly drawn task head (GLUE); 0 = learning-rate."},
+        default=AUTO_HEAD_RATE,
+        metadata={"help": "Peak learning rate of the task head (GLUE); 0 = learning-rate; -1 = auto: learning-rate "
+                  "for a head that starts as the LDA (head-init), 1e-2 (the GLUE recipe's) for a drawn one."},
     )
     logit_adjustment: float = field(
         default=1.0,
@@ -287,11 +292,11 @@ class FederationConfig:
     )
     pooling: str = field(default="mean", metadata={"help": "Head pooling: 'mean' or 'cls'."})
     head_init: str = field(
-        default="random",
-        metadata={"help": "The federated head before round 1: 'random' or 'lda' (a linear discriminant of the "
+        default="auto",
+        metadata={"help": "The federated head before round 1: 'random', 'lda' (a linear discriminant of the "
                   "backbone's features, from class counts, feature sums and scatter that every client sends "
-                  "once, exactly the pooled rows' LDA; federation.head_init). One classification task, "
-                  "a federated head, no dp: the statistics are not privatised."},
+                  "once, exactly the pooled rows' LDA; federation.head_init; one classification task, a "
+                  "federated head, no dp: the statistics are not privatised) or 'auto' (lda where it applies)."},
     )
     federate_head: str = field(
         default="auto",
@@ -381,17 +386,18 @@ class FederationConfig:
         _choice("client-sampling", self.client_sampling, CLIENT_SAMPLINGS)
         _choice("client-optimizer-state", self.client_optimizer_state, CLIENT_OPTIMIZER_STATES)
         _choice("client-weighting", self.client_weighting, CLIENT_WEIGHTINGS)
-        _choice("head-init", self.head_init, HEAD_INITS)
+        _choice("head-init", self.head_init, ("auto",) + HEAD_INITS)
         if self.drift_control == "scaffold" and (self.dp != "none" or self.client_ranks):
             raise ValueError("drift-control=scaffold works with dp='none' and one rank for all clients: "
                              f"got dp={self.dp!r}, client-ranks={self.client_ranks!r} (the control variates "
                              "would go unclipped, or not fit a smaller rank)")
         if self.logit_adjustment < 0:
             raise ValueError(f"logit-adjustment must be >= 0, got {self.logit_adjustment}")
-        if not 0 <= self.warmup_ratio < 1 or self.head_learning_rate < 0 or self.learning_rate < 0:
+        head_rate_ok = self.head_learning_rate >= 0 or self.head_learning_rate == AUTO_HEAD_RATE
+        if not 0 <= self.warmup_ratio < 1 or not head_rate_ok or self.learning_rate < 0:
             raise ValueError(
                 f"learning-rate must be >= 0 (0: the task family's), head-learning-rate >= 0 (0: "
-                f"learning-rate) and warmup-ratio in [0, 1), got "
+                f"learning-rate) or -1 (auto) and warmup-ratio in [0, 1), got "
                 f"{self.learning_rate}, {self.head_learning_rate} and {self.warmup_ratio}"
             )
         _choice("federate-head", str(self.federate_head).lower(), HEAD_MODES)
@@ -463,13 +469,16 @@ class FederationConfig:
         ):
             raise ValueError(f"client-weighting=label-balanced needs one classification task, got "
                              f"tasks={self.tasks!r}")
-        if self.head_init == "lda" and (
-            self.multi_task or self.family != "glue" or get_task(self.task_list[0]).problem != "classification"
-            or not self.head_federated or self.dp != "none"
-        ):
+        lda_applies = (not self.multi_task and self.family == "glue" and self.head_federated and self.dp == "none"
+                       and get_task(self.task_list[0]).problem == "classification")
+        if self.head_init == "auto":
+            self.head_init = "lda" if lda_applies else "random"
+        if self.head_init == "lda" and not lda_applies:
             raise ValueError(f"head-init=lda needs one classification task with a federated head and dp='none' "
                              f"(the feature statistics go unprivatised), got tasks={self.tasks!r}, "
                              f"federate-head={self.federate_head!r}, dp={self.dp!r}")
+        if self.head_learning_rate == AUTO_HEAD_RATE:
+            self.head_learning_rate = 0.0 if self.head_init == "lda" else DRAWN_HEAD_RATE
 
     def _check_ranks(self) -> None:
         """client-ranks and aggregation=svd: LoRA only, and what the SVD step cannot combine with."""

@@ -16,6 +16,7 @@ from adamix_zoo.backbones import fingerprint
 from adamix_zoo.formats.files import EXPERTS_FILE, read_safetensors
 from federation.client_app import LOCAL_HEAD, app
 from federation.config import FederationConfig
+from federation.head_init import STATISTICS_KEY, asks_for_statistics
 from federation.records import HEAD_PREFIX, travelling_name
 from federation.server_app import FederationError, run_federation
 from registry import Store
@@ -62,12 +63,16 @@ def test_single_task_federation(tiny_env):
     grid = InProcessGrid(app, rc, num_nodes=3)
     outcome = run_federation(grid, FederationConfig.from_run_config(rc))
 
-    # Only adapter experts (and the federated head) travel, both ways; eval replies carry none, and
-    # the partition queries (federation.sampling) nothing but each client's partition id.
+    # Only adapter experts (and the federated head) travel, both ways; eval replies carry none, the
+    # partition queries (federation.sampling) nothing but each client's partition id, and the head's
+    # statistics query (head-init=auto: lda) the initial experts down and feature sums up.
     queries = [(m, r) for m, r in zip(grid.sent, grid.replies) if m.metadata.message_type == MessageType.QUERY]
-    assert len(queries) == 3
-    assert all(not m.content and not r.content.array_records for m, r in queries)
-    records = [m.content["arrays"] for m in grid.sent if m.metadata.message_type != MessageType.QUERY] + [
+    partition = [(m, r) for m, r in queries if not asks_for_statistics(m.content)]
+    statistics = [(m, r) for m, r in queries if asks_for_statistics(m.content)]
+    assert len(partition) == len(statistics) == 3
+    assert all(not m.content and not r.content.array_records for m, r in partition)
+    assert all(set(r.content.array_records) == {STATISTICS_KEY} for _, r in statistics)
+    records = [m.content["arrays"] for m in grid.sent if "arrays" in m.content] + [
         r.content["arrays"] for r in grid.replies if "arrays" in r.content
     ]
     names = set(records[0].keys())

@@ -46,7 +46,7 @@ def test_a_constant_schedule_keeps_the_peak_rate():
 @pytest.mark.parametrize("options, message", [
     ({"lr-schedule": "cosine"}, "lr-schedule='cosine' is not supported"),
     ({"warmup-ratio": 1.0}, "warmup-ratio in \\[0, 1\\)"),
-    ({"head-learning-rate": -1.0}, "head-learning-rate >= 0"),
+    ({"head-learning-rate": -0.5}, "head-learning-rate >= 0 \\(0: learning-rate\\) or -1 \\(auto\\)"),
 ])
 def test_bad_schedules_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
@@ -68,6 +68,7 @@ def test_defaults_are_the_federation_benchmarks_choice():
     assert (cfg.lr_schedule, cfg.warmup_ratio) == (PROTOCOL["lr_schedule"], PROTOCOL["warmup_ratio"])
     assert cfg.server_momentum == chosen["server_momentum"]
     assert cfg.head_learning_rate == chosen["head_learning_rate"]
+    assert cfg.head_init == chosen.get("head_init", "random")
     assert cfg.logit_adjustment == chosen["logit_adjustment"]
     # the reply weighting the report ran at, adopted from the diagnoses
     from bench.federation import FEDERATED_REPORT_SETTINGS
