@@ -19,6 +19,8 @@ by its stage, side, seed, hyperparameters and the protocol hash; finished runs a
    SELECT_SEED and CONFIRM_SEED, and the best mean of those two wins, per side (one seed's best of
    24 noisy runs is partly luck: the winner's curse). The finalists' first confirmation, on
    CONFIRM_SEED at the grid's settings, stays in the report as history.
+   ``head-init``: each side's choice with the closed-form head (HEAD_INIT, HEAD_INIT_CHOICES) on both
+   selection seeds; a side whose runs with it lead its choice's on both reports with it.
 2. ``report``: REPORT_SEEDS at the chosen settings, trained on the training split and measured on
    the dev set (GLUE validation); plus the exact-aggregation mode (EXACT_MODE, when the federation
    has it), clients of different ranks (RANKS_MODE, on RANKS_SEEDS) and the generation case
@@ -871,7 +873,7 @@ def report(r: dict, done: dict) -> str:
         "then linear decay to 0; each federated client runs its round's slice of it with a fresh AdamW). "
         f"Hyperparameters were chosen on {sel['rows']} whole sentences held out of the *training* split, "
         "none of whose phrases are trained on (`selection_data`), disjoint from the dev rows below: every "
-        f"grid point on seed {sel['seeds'][0]} (in bf16 autocast, the equal-step points below in fp32; the "
+        f"grid point on seed {sel['seeds'][0]} (in bf16 autocast, the equal-step and LDA-head points below in fp32; the "
         "last round's model saved), its "
         f"{sel['finalists']} best again on seeds {sel['seeds'][0]} and {sel['seeds'][1]} at "
         "the report's settings, the best mean of those two chosen. The report's runs use the run-config "
@@ -1049,16 +1051,18 @@ def head_init_paragraph(done: dict) -> str:
     for side in ("federated", "centralized"):
         scored = head_init_pairs(done, side)
         if all(a is not None and b is not None for a, b in scored):
-            verdict = "so it reports with it" if head_init_adopted(done, side) else "so it keeps the random head"
+            verdict = ("it led on both: its report runs use it" if head_init_adopted(done, side)
+                       else "not on both: its report settings do not add it")
             pairs.append(f"{side} {' / '.join(f'{a:.4f}' for a, _ in scored)} against "
-                         f"{' / '.join(f'{b:.4f}' for _, b in scored)}, {verdict}")
+                         f"{' / '.join(f'{b:.4f}' for _, b in scored)} ({verdict})")
     if not pairs:
         return ""
     text = ("\n\nThe closed-form head (`head-init=lda`, `adamix_zoo.head_init`): the linear discriminant of the "
             "frozen backbone's features of the training rows, in the federation from one round of the clients' "
             "summed class counts, feature sums and scatter, which give the pooled rows' LDA exactly. Alone, before "
             "any training, it scores 0.79 on the dev set, what the federated runs reached. Each side's choice "
-            f"with it, at the report's settings, on selection seeds {SELECT_SEED} / {CONFIRM_SEED}: "
+            "before the grid points below, with it (the federated head still at 1e-2), at the finalists' "
+            f"settings, on selection seeds {SELECT_SEED} / {CONFIRM_SEED}: "
             + "; ".join(pairs) + ".")
     side_grid = grid("federated")
     points = [(hp, m) for hp in side_grid if is_lda_head(hp)
@@ -1068,9 +1072,14 @@ def head_init_paragraph(done: dict) -> str:
         among = sum(hp in (finalist_points or []) for hp, _ in points)
         verdict = ("the finalists not drawn yet (the grid has not finished)" if finalist_points is None
                    else f"{among} of them among the finalists" if among else "none among the finalists")
+        choice = chosen(done, "federated", side_grid)
+        if choice is not None and is_lda_head(choice):
+            verdict += (f", and the choice (step {server_step(choice):g}, lr {choice['learning_rate']:g}): the "
+                        "federated report runs start from the LDA head")
         scores = ", ".join(f"{m:.4f} (step {server_step(hp):g}, lr {hp['learning_rate']:g})" for hp, m in points)
-        text += (" Started from it, the head needs no rate of its own, and at the experts' rate it cannot flip "
-                 "to one class under a larger server step. The grid's points with the LDA head at the experts' "
+        text += (" Started from it, though, the head needs no rate of its own, and at the experts' rate it moves "
+                 "little under a larger server step, where a head at 1e-2 could flip to one class (the collapses "
+                 "that kept the grid's steps small). The grid's points with the LDA head at the experts' "
                  f"rate and logit adjustment 1, screened in fp32: {scores} on seed {SELECT_SEED}, {verdict}.")
     return text
 

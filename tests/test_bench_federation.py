@@ -257,3 +257,20 @@ def test_the_lda_head_points_run_with_the_lda_head_at_the_experts_rate_and_scree
         "head-init"] == "random"  # the points before them keep the drawn head they ran with
     screen = federation.screen_job("federated", 0, points[0])
     assert screen["settings"] == {"precision": "fp32"} and federation.job_precision(screen) == "fp32"
+
+
+def test_head_init_paragraph_gives_both_sides_pairs_and_the_lda_points_and_names_an_lda_choice():
+    points = [hp for hp in federation.grid("federated") if federation.is_lda_head(hp)]
+    done = _finished_selection("federated", "sentences", points[1]) | _finished_selection(
+        "centralized", "sentences", federation.HEAD_INIT_CHOICES["centralized"])
+    assert federation.head_init_paragraph(done) == ""  # the head-init runs have not run
+    for side, lead in (("federated", 0.01), ("centralized", -0.01)):
+        for seed in (0, 1):
+            reference = federation.finalist_metric(done, side, seed, federation.HEAD_INIT_CHOICES[side])
+            done[federation.run_key(federation.head_init_job(side, seed, federation.HEAD_INIT_CHOICES[side]))] = {
+                "result": {"metric": reference + lead}}
+    text = federation.head_init_paragraph(done)
+    assert "federated 0.4600 / 0.4600 against 0.4500 / 0.4500 (it led on both: its report runs use it)" in text
+    assert "centralized 0.8900 / 0.8900 against 0.9000 / 0.9000 (not on both" in text
+    assert "0.9000 (step 2.5, lr 0.001)" in text and "1 of them among the finalists" in text
+    assert text.endswith("and the choice (step 2.5, lr 0.001): the federated report runs start from the LDA head.")
