@@ -12,6 +12,7 @@ about its rows than one update does, so the mode refuses DP runs (``FederationCo
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 
 import torch
@@ -74,7 +75,7 @@ def lda_initial_state(grid: Grid, initial: dict[str, torch.Tensor], min_clients:
         HeadInitError: fewer than ``min_clients`` usable replies, or a class that none holds.
     """
     num_labels, hidden = initial[WEIGHT].shape
-    nodes = sorted(grid.get_node_ids())
+    nodes, start = sorted(grid.get_node_ids()), time.perf_counter()
     parts: dict[int, FeatureStatistics] = {}
     for reply in grid.send_and_receive([statistics_query(initial, n) for n in nodes], timeout=timeout):
         try:
@@ -91,5 +92,6 @@ def lda_initial_state(grid: Grid, initial: dict[str, torch.Tensor], min_clients:
         weight, bias = lda_head(total)
     except ValueError as err:
         raise HeadInitError(f"head-init=lda: {err}") from err
-    log(INFO, "head-init=lda: the head is the LDA of %d clients' %d rows", len(parts), int(total.counts.sum()))
+    log(INFO, "head-init=lda: the head is the LDA of %d clients' %d rows (%.1f s)", len(parts),
+        int(total.counts.sum()), time.perf_counter() - start)
     return initial | {WEIGHT: weight.to(initial[WEIGHT].dtype), BIAS: bias.to(initial[BIAS].dtype)}
