@@ -448,6 +448,30 @@ def held_out_sentences(lines: list[str], count: int) -> tuple[list[str], list[st
     return [lines[i] for i in held], rest
 
 
+def lda_probe(p: dict[str, Any]) -> dict[str, list[float]]:
+    """The LDA head alone (``head-init=lda`` before any training: the frozen backbone, the experts at
+    their initial values): its accuracy on the selection set (SELECT_SEED, CONFIRM_SEED) and on the
+    dev set (REPORT_SEEDS), each seed fitted on the training subset a run of it draws."""
+    from adamix_zoo.head_init import lda_head, set_head
+    from federation.config import FederationConfig
+    from federation.glue_client import GLUE
+
+    def accuracy(root: Path, seed: int) -> float:
+        cfg = FederationConfig.from_run_config({"tasks": p["task"], "backbone": p["backbone"], "data-dir": str(root),
+                                                "train-limit": p["train_limit"], "max-length": p["max_length"],
+                                                "seed": seed})
+        model = GLUE.build_model(cfg, p["task"])
+        train = GLUE.encode(cfg, p["task"], GLUE.load_rows(cfg, p["task"], "train"))
+        set_head(model.head, *lda_head(GLUE.feature_statistics(cfg, p["task"], model, train)))
+        model.eval()
+        return GLUE.evaluate_global(cfg, model, p["task"]).metrics["accuracy"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = selection_data(p, Path(tmp), SELECTION)
+        selection = [accuracy(root, seed) for seed in (SELECT_SEED, CONFIRM_SEED)]
+    return {"selection": selection, "dev": [accuracy(data_dir(), seed) for seed in REPORT_SEEDS]}
+
+
 def selection_set_stats(p: dict[str, Any]) -> dict[str, Any]:
     """How like the dev rows each selection set is: mean words per row, and the share of rows found word
     for word inside a row of the training subset a run on seed SELECT_SEED / CONFIRM_SEED draws (for
@@ -754,6 +778,7 @@ def summarize(done: dict, p: dict, seeds: tuple, quick: bool) -> dict:
                                                                      "phrases")},
         # rebuilds both selection sets (~30 s): only for the report prose, so only once it has seeds to report
         "selection_sets": selection_set_stats(p) if per_seed else None,
+        "lda_probe": lda_probe(p) if per_seed and not quick else None,  # ~2 min, likewise
         "diagnoses": diagnoses(done, quick),
         "federated_accuracy": mean([r["metric"] for r in fed_runs]),
         "centralized_accuracy": mean([s["centralized"]["metric"] for s in per_seed]),
@@ -938,7 +963,7 @@ def report(r: dict, done: dict) -> str:
         + finalists_paragraph(sel)
         + widening_paragraph(done, SELECTION)
         + equal_step_paragraph(done)
-        + head_init_paragraph(done)
+        + head_init_paragraph(done, r.get("lda_probe"))
         + phrase_selection_paragraph(r, done)
         + widening_paragraph(done, "phrases")
         + "\n\nOn the first selection set, chosen on seed 0 alone, the federated side took momentum 0.6, lr "
@@ -1044,9 +1069,9 @@ def equal_step_paragraph(done: dict) -> str:
             + collapses + plateau)
 
 
-def head_init_paragraph(done: dict) -> str:
-    """The choices with the LDA head (HEAD_INIT) against their finalist runs, and what LDA_HEAD_GRID's
-    points scored."""
+def head_init_paragraph(done: dict, probe: dict[str, list[float]] | None = None) -> str:
+    """The LDA head alone (``lda_probe``), the choices with it (HEAD_INIT) against their finalist runs,
+    what LDA_HEAD_GRID's points scored, and the earlier choice's dev ratios."""
     pairs = []
     for side in ("federated", "centralized"):
         scored = head_init_pairs(done, side)
@@ -1059,8 +1084,12 @@ def head_init_paragraph(done: dict) -> str:
         return ""
     text = ("\n\nThe closed-form head (`head-init=lda`, `adamix_zoo.head_init`): the linear discriminant of the "
             "frozen backbone's features of the training rows, in the federation from one round of the clients' "
-            "summed class counts, feature sums and scatter, which give the pooled rows' LDA exactly. Alone, before "
-            "any training, it scores 0.79 on the dev set, what the federated runs reached. Each side's choice "
+            "summed class counts, feature sums and scatter, which give the pooled rows' LDA exactly. "
+            + (f"Alone, before any training, it scores {' / '.join(f'{a:.4f}' for a in probe['selection'])} on the "
+               f"selection set (seeds {SELECT_SEED} / {CONFIRM_SEED}) and {' / '.join(f'{a:.4f}' for a in probe['dev'])} "
+               f"on the dev set (seeds {', '.join(map(str, REPORT_SEEDS))}; `lda_probe`), about what the federated "
+               "runs from a drawn head reached. " if probe else "")
+            + "Each side's choice "
             "before the grid points below, with it (the federated head still at 1e-2), at the finalists' "
             f"settings, on selection seeds {SELECT_SEED} / {CONFIRM_SEED}: "
             + "; ".join(pairs) + ".")
@@ -1081,6 +1110,13 @@ def head_init_paragraph(done: dict) -> str:
                  "little under a larger server step, where a head at 1e-2 could flip to one class (the collapses "
                  "that kept the grid's steps small). The grid's points with the LDA head at the experts' "
                  f"rate and logit adjustment 1, screened in fp32: {scores} on seed {SELECT_SEED}, {verdict}.")
+    central = chosen(done, "centralized", grid("centralized"))
+    earlier = [(f["result"]["metric"], c["result"]["metric"]) for seed in REPORT_SEEDS
+               if (f := done.get(run_key(report_job("federated", seed, HEAD_INIT_CHOICES["federated"]))))
+               and (c := done.get(run_key(report_job("centralized", seed, central or {}))))]
+    if len(earlier) == len(REPORT_SEEDS):
+        text += (" The earlier choice, from a drawn head, had reached dev ratios "
+                 f"{' / '.join(f'{a / b:.4f}' for a, b in earlier)} (seeds {', '.join(map(str, REPORT_SEEDS))}).")
     return text
 
 

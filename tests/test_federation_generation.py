@@ -288,7 +288,7 @@ def test_federate_e2e_in_a_flower_simulation_then_serve(lm_env):
 
 
 def test_the_learning_rate_is_the_task_familys_unless_set():
-    assert FederationConfig(tasks="sst2").learning_rate == 5e-4
+    assert FederationConfig(tasks="sst2").learning_rate == 1e-3
     assert FederationConfig(tasks="e2e").learning_rate == 2e-3
     assert FederationConfig(tasks="e2e", learning_rate=1e-3).learning_rate == 1e-3
     table = FederationConfig().to_run_config() | FAMILY_DEFAULT_VALUES
