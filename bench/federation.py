@@ -166,8 +166,8 @@ HEAD_INIT_CHOICES: dict[str, dict[str, Any]] = {  # the sentence set's choices i
     "federated": {"server_momentum": 0.6, "learning_rate": 5e-4, "head_learning_rate": 1e-2, "logit_adjustment": 1.0},
     "centralized": {"learning_rate": 1e-3, "head_learning_rate": 0.0}}
 # The closed-form head left the choice where it was. Started from it, though, the head no longer needs a
-# rate of its own, and a head at the experts' rate cannot flip to one class under a larger server step,
-# the collapse that kept the grid's steps small. With AdamW clients a round moves the experts by about
+# rate of its own, and at the experts' rate it moves little under a larger server step, where a head at
+# 1e-2 could flip to one class (the collapses that kept the grid's steps small). With AdamW clients a round moves the experts by about
 # local steps x client lr x the server step, however many clients it averages: at the choice 6 x 5e-4 x 2.5,
 # a quarter of what the centralized run's 30 steps at 1e-3 move in the same share of its steps. So the
 # sentence set's grid adds the LDA head at the experts' rate (head lr 0) with logit adjustment 1, at
