@@ -149,4 +149,5 @@ def query(msg: Message, context: Context) -> Message:
     family = family_of(cfg)
     task, examples = family.client_data(cfg, pid, "train")
     model = _model(family, ranks.client_config(cfg, pid), pid, task, context, msg.content[ARRAYS_KEY])
-    return head_init.statistics_reply(family.feature_statistics(cfg, task, model, examples), pid, msg)
+    rows = head_init.statistics_rows(examples, cfg.head_init_rows, cfg.seed * 1_000_003 + pid)
+    return head_init.statistics_reply(family.feature_statistics(cfg, task, model, rows), pid, msg)

@@ -298,6 +298,12 @@ class FederationConfig:
                   "once, exactly the pooled rows' LDA; federation.head_init; one classification task, a "
                   "federated head, no dp: the statistics are not privatised) or 'auto' (lda where it applies)."},
     )
+    head_init_rows: int = field(
+        default=2048,
+        metadata={"help": "head-init=lda: at most this many of a client's training rows (a seeded draw) go into "
+                  "its feature statistics, so a large partition does not hold up round 1 (one forward pass "
+                  "per row); 0 = all."},
+    )
     federate_head: str = field(
         default="auto",
         metadata={"help": "'auto' (single task: yes; multi-task: no), 'true', 'false'."},
@@ -426,6 +432,8 @@ class FederationConfig:
         for name in ("drop_rate", "straggler_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.head_init_rows < 0:
+            raise ValueError(f"head-init-rows must be >= 0 (0 = all), got {self.head_init_rows}")
         if self.average_last_rounds < 0:
             raise ValueError(f"average-last-rounds must be >= 0 (0 = a quarter of the rounds), got "
                              f"{self.average_last_rounds}")

@@ -2,7 +2,8 @@
 
 The server sends every connected client the initial global tensors in a ``query`` message that
 asks for ``STATISTICS_QUERY``; each client loads them, pools its training partition's features
-through the frozen backbone (the experts are still at their initial values) and replies with its
+through the frozen backbone (the experts are still at their initial values; at most ``head-init-rows``
+of them, a seeded draw) and replies with its
 class counts, class feature sums and feature scatter (``adamix_zoo.head_init``). Their sum is the
 pooled rows' statistics whatever the partition, so the head is the LDA that centralized rows would
 give. Replies that are errors or malformed are left out (logged); fewer than ``min-clients`` valid
@@ -12,6 +13,7 @@ about its rows than one update does, so the mode refuses DP runs (``FederationCo
 
 from __future__ import annotations
 
+import random
 import time
 from logging import INFO, WARNING
 
@@ -43,6 +45,14 @@ def statistics_query(initial: dict[str, torch.Tensor], node: int) -> Message:
 def asks_for_statistics(content: RecordDict) -> bool:
     """Whether a query message asks for feature statistics (else: for the partition id)."""
     return CONFIG_KEY in content.config_records and content[CONFIG_KEY].get(QUERY_KEY) == STATISTICS_QUERY
+
+
+def statistics_rows(examples: list, limit: int, seed: int) -> list:
+    """At most ``limit`` of ``examples`` (all when 0 or when they are fewer), a seeded draw in their order."""
+    if not limit or len(examples) <= limit:
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
 
 
 def statistics_reply(stats: FeatureStatistics, partition_id: int, msg: Message) -> Message:

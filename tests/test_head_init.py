@@ -12,7 +12,7 @@ from flwr.app import Array, MessageType
 from adamix_zoo.head_init import FeatureStatistics, check_head_init, lda_head
 from federation.client_app import app
 from federation.config import FederationConfig
-from federation.head_init import STATISTICS_KEY, WEIGHT, asks_for_statistics
+from federation.head_init import STATISTICS_KEY, WEIGHT, asks_for_statistics, statistics_rows
 from federation.server_app import FederationError, run_federation
 from federation.task import family_of
 from tests.test_federation_support import InProcessGrid, tiny_run_config
@@ -85,10 +85,12 @@ def test_head_init_lda_needs_one_classification_task_a_federated_head_and_no_dp(
 
 
 def pooled_lda(cfg: FederationConfig, partitions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LDA head of the partitions' training rows under the initial model, computed here."""
+    """The LDA head of the partitions' training rows (at most head-init-rows each, drawn as the clients
+    draw them) under the initial model, computed here."""
     family = family_of(cfg)
     model = family.build_model(cfg, "sst2")
-    parts = [family.feature_statistics(cfg, "sst2", model, family.client_data(cfg, pid, "train")[1])
+    parts = [family.feature_statistics(cfg, "sst2", model, statistics_rows(
+        family.client_data(cfg, pid, "train")[1], cfg.head_init_rows, cfg.seed * 1_000_003 + pid))
              for pid in partitions]
     return lda_head(sum(parts[1:], parts[0]))
 
@@ -99,9 +101,10 @@ def first_round_head(grid: InProcessGrid) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("server_identity", "one_thread")
-def test_round_one_starts_from_the_lda_head_of_the_pooled_partitions(tiny_env):
+@pytest.mark.parametrize("rows", [0, 5])
+def test_round_one_starts_from_the_lda_head_of_the_pooled_partitions(tiny_env, rows):
     rc = tiny_run_config(tiny_env, **{"num-rounds": 1, "head-init": "lda", "partitioner": "dirichlet",
-                                      "dirichlet-alpha": 0.3})
+                                      "dirichlet-alpha": 0.3, "head-init-rows": rows})
     cfg = FederationConfig.from_run_config(rc)
     grid = InProcessGrid(app, rc, num_nodes=3)
     run_federation(grid, cfg)
@@ -109,6 +112,8 @@ def test_round_one_starts_from_the_lda_head_of_the_pooled_partitions(tiny_env):
     assert sorted(m.metadata.dst_node_id for m in asked) == [100, 101, 102]
     weight, _ = pooled_lda(cfg, [0, 1, 2])
     torch.testing.assert_close(first_round_head(grid), weight.float(), rtol=1e-5, atol=1e-6)
+    counts = [r.content[STATISTICS_KEY]["counts"].numpy().sum() for r in grid.replies if STATISTICS_KEY in r.content]
+    assert counts == [5.0] * 3 if rows else sum(counts) == 48  # the cap, or every one of the 48 rows
 
 
 class CorruptStatisticsGrid(InProcessGrid):
@@ -155,3 +160,14 @@ def test_the_recipe_starts_from_the_lda_head_of_its_training_rows(tmp_path):
     torch.testing.assert_close(setup.model.head.classifier.weight, weight.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(setup.model.head.classifier.bias, bias.float(), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(random_head.head.classifier.weight, setup.model.head.classifier.weight)
+
+
+def test_a_client_sends_statistics_of_at_most_head_init_rows_rows():
+    from federation.head_init import statistics_rows
+
+    rows = list(range(10))
+    assert statistics_rows(rows, 0, 1) == rows and statistics_rows(rows, 10, 1) == rows
+    drawn = statistics_rows(rows, 4, 1)
+    assert len(drawn) == 4 and drawn == sorted(set(drawn)) and drawn == statistics_rows(rows, 4, 1)
+    with pytest.raises(ValueError, match="head-init-rows must be >= 0"):
+        FederationConfig.from_run_config({"head-init-rows": -1})
