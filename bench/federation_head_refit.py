@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.federation as fed  # noqa: E402
+from adamix_zoo.head_init import FeatureStatistics, lda_head  # noqa: E402
 from bench.report import markdown_table, write_json, write_section  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/federation_head_refit.py"
@@ -68,28 +69,10 @@ def features(folder: Path, run_config: dict[str, Any]) -> dict[str, torch.Tensor
     return out
 
 
-def statistics(x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a client sends for a refit, and what the server sums: class counts (K,), class feature
-    sums (K, d) and the feature scatter sum of x x^T (d, d)."""
-    counts = torch.bincount(y, minlength=classes).to(x.dtype)
-    return counts, torch.zeros(classes, x.shape[1], dtype=x.dtype).index_add_(0, y, x), x.T @ x
-
-
-def lda_head(counts: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor,
-             shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear discriminant (shared within-class covariance, shrunk by ``shrinkage`` times its mean
-    diagonal; the pooled class priors): weight (K, d), bias (K,)."""
-    means = sums / counts[:, None]
-    within = (scatter - means.T @ (means * counts[:, None])) / counts.sum()
-    ridge = shrinkage * within.diagonal().mean() * torch.eye(len(within), dtype=within.dtype)
-    weight = torch.linalg.solve(within + ridge, means.T).T
-    return weight, -0.5 * (weight * means).sum(1) + torch.log(counts / counts.sum())
-
-
-def ridge_head(counts: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor,
-               penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_head(stats: FeatureStatistics, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression of one-hot targets on [x, 1] (the bias column penalised alike): weight
     (K, d), bias (K,). [x 1]^T [x 1] and [x 1]^T onehot(y) are sums of the same statistics."""
+    counts, sums, scatter = stats.counts, stats.sums, stats.scatter
     total = sums.sum(0)
     gram = torch.cat([torch.cat([scatter, total[:, None]], 1), torch.cat([total, counts.sum()[None]])[None]], 0)
     solved = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=gram.dtype),
@@ -107,11 +90,11 @@ def refits(f: dict[str, torch.Tensor]) -> dict[str, float]:
         return float(((xv @ head[0].T + head[1]).argmax(1) == yv).double().mean())
 
     scores = {"trained head": accuracy((f["weight"], f["bias"]))}
-    stats = statistics(x, y, len(f["bias"]))
+    stats = FeatureStatistics.of(x, y, len(f["bias"]))
     for shrinkage in LDA_SHRINKAGE:
-        scores[f"LDA, shrinkage {shrinkage:g}"] = accuracy(lda_head(*stats, shrinkage))
+        scores[f"LDA, shrinkage {shrinkage:g}"] = accuracy(lda_head(stats, shrinkage))
     for penalty in RIDGE_PENALTY:
-        scores[f"ridge, penalty {penalty:g}"] = accuracy(ridge_head(*stats, penalty))
+        scores[f"ridge, penalty {penalty:g}"] = accuracy(ridge_head(stats, penalty))
     for c in LOGISTIC_C:
         fit = LogisticRegression(C=c, max_iter=2000).fit(x.numpy(), y.numpy())
         scores[f"logistic regression, C {c:g} (centralized refit)"] = float((fit.predict(xv.numpy()) == yv.numpy()).mean())

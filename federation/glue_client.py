@@ -6,6 +6,7 @@ jsonl files under ``<data-dir>/glue/<task>/``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,9 +92,12 @@ class GlueFamily(TaskFamily):
     def feature_statistics(
         self, cfg: FederationConfig, task: str, model: TaskModel, examples: list[dict[str, Any]]
     ) -> FeatureStatistics:
+        return feature_statistics(model, self.inference_batches(cfg, task, examples))
+
+    def inference_batches(self, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> Iterator[Batch]:
+        """``examples`` in order, in batches of at least 32 (no gradients: larger than training's)."""
         size = max(cfg.batch_size, 32)
-        return feature_statistics(model, (self.collate(cfg, task, examples[s : s + size])
-                                          for s in range(0, len(examples), size)))
+        return (self.collate(cfg, task, examples[s : s + size]) for s in range(0, len(examples), size))
 
     def collate(self, cfg: FederationConfig, task: str, examples: list[dict[str, Any]]) -> Batch:
         pad = tokenizer_for(cfg.backbone).pad_token_id or 0
@@ -114,9 +118,7 @@ class GlueFamily(TaskFamily):
         """``eval-loss`` and every metric of the task."""
         if not examples:
             raise ValueError(f"{task}: nothing to evaluate on")
-        size = max(cfg.batch_size, 32)
-        loader = (self.collate(cfg, task, examples[s : s + size]) for s in range(0, len(examples), size))
-        scores = evaluate_model(model, loader, get_task(task), select_device())
+        scores = evaluate_model(model, self.inference_batches(cfg, task, examples), get_task(task), select_device())
         return {"eval-loss": scores.pop("loss"), **{k: float(v) for k, v in scores.items()}}
 
     def evaluate_global(self, cfg: FederationConfig, model: TaskModel, task: str) -> GlobalEvaluation:

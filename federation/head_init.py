@@ -13,6 +13,8 @@ about its rows than one update does, so the mode refuses DP runs (``FederationCo
 
 from __future__ import annotations
 
+import functools
+import operator
 import random
 import time
 from logging import INFO, WARNING
@@ -97,7 +99,7 @@ def lda_initial_state(grid: Grid, initial: dict[str, torch.Tensor], min_clients:
     if len(parts) < min_clients:
         raise HeadInitError(f"head-init=lda: {len(parts)} of {len(nodes)} clients sent usable feature "
                             f"statistics, min-clients={min_clients}")
-    total = sum((parts[p] for p in sorted(parts)[1:]), parts[min(parts)])
+    total = functools.reduce(operator.add, (parts[p] for p in sorted(parts)))
     try:
         weight, bias = lda_head(total)
     except ValueError as err:

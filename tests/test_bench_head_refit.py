@@ -4,7 +4,8 @@ heads fitted on the pooled rows."""
 import torch
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from bench.federation_head_refit import lda_head, ridge_head, statistics
+from adamix_zoo.head_init import FeatureStatistics, lda_head
+from bench.federation_head_refit import ridge_head
 
 
 def _rows(n: int = 300, d: int = 6, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,16 +14,16 @@ def _rows(n: int = 300, d: int = 6, classes: int = 3) -> tuple[torch.Tensor, tor
     return torch.randn(n, d, generator=g, dtype=torch.float64) + 2.0 * torch.nn.functional.one_hot(y, d), y
 
 
-def _summed(x: torch.Tensor, y: torch.Tensor, clients: int = 4) -> tuple[torch.Tensor, ...]:
-    """Each statistic summed over label-skewed client shards (rows sorted by label, then split)."""
+def _summed(x: torch.Tensor, y: torch.Tensor, clients: int = 4) -> FeatureStatistics:
+    """The statistics summed over label-skewed client shards (rows sorted by label, then split)."""
     order = torch.argsort(y, stable=True)
-    shards = [statistics(x[i], y[i], 3) for i in torch.tensor_split(order, clients)]
-    return tuple(sum(s[k] for s in shards) for k in range(3))
+    shards = [FeatureStatistics.of(x[i], y[i], 3) for i in torch.tensor_split(order, clients)]
+    return sum(shards[1:], shards[0])
 
 
 def test_lda_from_client_statistics_matches_sklearn_on_pooled_rows():
     x, y = _rows()
-    weight, bias = lda_head(*_summed(x, y), shrinkage=0.0)
+    weight, bias = lda_head(_summed(x, y), shrinkage=0.0)
     reference = LinearDiscriminantAnalysis(solver="lsqr").fit(x.numpy(), y.numpy())
     torch.testing.assert_close(weight, torch.from_numpy(reference.coef_))
     torch.testing.assert_close(bias, torch.from_numpy(reference.intercept_))
@@ -30,7 +31,7 @@ def test_lda_from_client_statistics_matches_sklearn_on_pooled_rows():
 
 def test_ridge_from_client_statistics_matches_the_direct_solve():
     x, y = _rows()
-    weight, bias = ridge_head(*_summed(x, y), penalty=0.5)
+    weight, bias = ridge_head(_summed(x, y), penalty=0.5)
     design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     targets = torch.nn.functional.one_hot(y, 3).to(x.dtype)
     direct = torch.linalg.solve(design.T @ design + 0.5 * torch.eye(design.shape[1], dtype=x.dtype),
